@@ -1,0 +1,88 @@
+"""Multi-head attention: one function with pluggable backends, and the `Attention` layer.
+
+The layer's keys/values can take *extra tokens* besides its own input: Consistent Self-Attention
+adds tokens from other images of a story through exactly this door (see `storydiff_jax.consistent`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_HALF = (jnp.float16, jnp.bfloat16)
+
+
+def _backend_for(q: jax.Array, backend: str) -> str:
+    """`auto` picks cuDNN's fused kernel where it applies (GPU, half precision, head dim % 8 == 0)."""
+    if backend != "auto":
+        return backend
+    head_dim = q.shape[-1]
+    on_gpu = jax.default_backend() == "gpu"
+    if on_gpu and q.dtype in _HALF and head_dim % 8 == 0 and head_dim <= 128:
+        return "cudnn"
+    return "xla"
+
+
+def dot_product_attention(q, k, v, mask=None, *, backend: str = "auto") -> jax.Array:
+    """Scaled dot-product attention on [batch, tokens, heads, head_dim] arrays.
+
+    mask: optional boolean array broadcastable to [batch, heads, q_tokens, kv_tokens]; True = attend.
+    Scale is head_dim ** -0.5 as in every reference network here. Softmax runs in float32 on the XLA
+    path so half-precision inputs do not overflow.
+    """
+    impl = _backend_for(q, backend)
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+class Attention(nnx.Module):
+    """diffusers-style attention: to_q/to_k/to_v projections, heads, to_out.0 output projection.
+
+    Self-attention when `context` is None, cross-attention otherwise.
+    """
+
+    def __init__(self, query_dim: int, heads: int, dim_head: int, *, cross_attention_dim: int | None = None,
+                 qkv_bias: bool = False, out_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+        inner = heads * dim_head
+        kv_dim = cross_attention_dim or query_dim
+        self.heads = heads
+        self.dim_head = dim_head
+        self.to_q = nnx.Linear(query_dim, inner, use_bias=qkv_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.to_k = nnx.Linear(kv_dim, inner, use_bias=qkv_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.to_v = nnx.Linear(kv_dim, inner, use_bias=qkv_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        # A list so parameter paths read `to_out.0.*` exactly like the PyTorch state dict.
+        self.to_out = nnx.List([nnx.Linear(inner, query_dim, use_bias=out_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)])
+
+    def split_heads(self, x: jax.Array) -> jax.Array:
+        return x.reshape(*x.shape[:-1], self.heads, self.dim_head)
+
+    def attend(self, x: jax.Array, kv_source: jax.Array, mask=None, *, backend: str = "auto") -> jax.Array:
+        """Queries from `x` [B, L, C]; keys/values projected from `kv_source` [B, S, C']."""
+        q = self.split_heads(self.to_q(x))
+        k = self.split_heads(self.to_k(kv_source))
+        v = self.split_heads(self.to_v(kv_source))
+        out = dot_product_attention(q, k, v, mask, backend=backend)
+        return self.to_out[0](out.reshape(*out.shape[:-2], -1))
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, *, extra_tokens: jax.Array | None = None,
+                 extra_mask: jax.Array | None = None, backend: str = "auto") -> jax.Array:
+        """x: [B, L, C]. context: cross-attention tokens [B, S, C'].
+
+        extra_tokens: [B, E, C] more key/value tokens for self-attention (in the layer's input space,
+        projected by to_k/to_v like its own tokens); extra_mask: optional boolean [B, E], True = use.
+        """
+        if extra_tokens is None:
+            return self.attend(x, x if context is None else context, backend=backend)
+        kv = jnp.concatenate([x, extra_tokens.astype(x.dtype)], axis=1)
+        mask = None
+        if extra_mask is not None:
+            own = jnp.ones((x.shape[0], x.shape[1]), bool)
+            mask = jnp.concatenate([own, extra_mask.astype(bool)], axis=1)[:, None, None, :]
+        return self.attend(x, kv, mask, backend=backend)
