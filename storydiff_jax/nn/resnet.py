@@ -60,6 +60,12 @@ class Upsample2D(nnx.Module):
     def __init__(self, channels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.conv = conv(channels, channels, 3, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+        """size: output (H, W) when it is not exactly 2x (odd skip sizes); nearest like torch's interpolate."""
+        if size is None or tuple(size) == (2 * x.shape[1], 2 * x.shape[2]):
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        else:
+            rows = (jnp.arange(size[0]) * x.shape[1]) // size[0]
+            cols = (jnp.arange(size[1]) * x.shape[2]) // size[1]
+            x = x[:, rows][:, :, cols]
         return self.conv(x)

@@ -1,0 +1,101 @@
+"""diffusers AutoencoderKL checkpoints (a `vae/` folder) -> flat parameters for `storydiff_jax.models.vae`.
+
+Tensors are streamed from the safetensors file one at a time through `convert.state_dict.convert_tensors`,
+so peak memory is the converted output plus one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+
+from convert.state_dict import convert_tensors, renamed
+from storydiff_jax.errors import CheckpointError
+from storydiff_jax.models.vae import AutoencoderKL, VAEConfig
+from storydiff_jax.params import abstract_params, build_with_params
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
+
+# Checkpoints saved before diffusers' attention refactor name the VAE mid-block attention like this
+# (diffusers' ModelMixin._convert_deprecated_attention_blocks does the same rename at load time). The
+# very oldest store these weights as 1x1 convs [C, C, 1, 1]; convert_tensors turns those into Linears.
+_OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_OLD_ATTENTION_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+
+
+def rename_vae_key(key: str, arr) -> Iterator[tuple[str, object]]:
+    """Map old attention names (`query/key/value/proj_attn`) to `to_q/to_k/to_v/to_out.0`; pass others through."""
+    m = _OLD_ATTENTION_KEY.match(key)
+    if m:
+        key = f"{m.group(1)}.{_OLD_ATTENTION_NAMES[m.group(2)]}.{m.group(3)}"
+    yield key, arr
+
+
+def weights_file(folder: str | Path) -> Path:
+    """The VAE's safetensors file in `folder`: the full-precision one, else the fp16 variant."""
+    folder = Path(folder)
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(f"no {' or '.join(WEIGHT_FILES)} in {folder}; pass the VAE folder of a diffusers model "
+                          f"(the one holding config.json and the weights)")
+
+
+def read_config(folder: str | Path) -> VAEConfig:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"no config.json in {folder}; pass the VAE folder of a diffusers model")
+    try:
+        return VAEConfig.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download the model") from e
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A torch tensor as numpy without changing its dtype (bfloat16 via ml_dtypes, which numpy lacks)."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(jnp.bfloat16)
+    return t.numpy()
+
+
+def _stream(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    # framework="pt" so bfloat16 files load too (safetensors' numpy backend cannot read them).
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            yield key, _to_numpy(f.get_tensor(key))
+
+
+def expected_params(config: VAEConfig) -> dict:
+    """{path: ShapeDtypeStruct} of the model `config` describes, without allocating it."""
+    return abstract_params(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0)))
+
+
+def convert_vae(folder: str | Path, config: VAEConfig, dtype=None) -> dict[str, np.ndarray]:
+    """Convert the diffusers VAE weights in `folder` to our flat {path: array} dict.
+
+    dtype: numpy/jnp dtype for floating parameters (None keeps the file's dtype).
+    Raises CheckpointError naming a key when the checkpoint does not fit `config`.
+    """
+    path = weights_file(folder)
+    expected = expected_params(config)
+    try:
+        return convert_tensors(renamed(_stream(path), rename_vae_key), expected, what=f"VAE {path}", dtype=dtype)
+    except (OSError, SafetensorError) as e:   # a truncated or corrupt file
+        raise CheckpointError(f"cannot read {path} ({e}); the file is corrupt or incomplete, re-download it") from e
+
+
+def load_vae(folder: str | Path, config: VAEConfig | None = None, *, dtype=jnp.float32) -> AutoencoderKL:
+    """Build an AutoencoderKL from a diffusers VAE folder (config from its config.json unless given)."""
+    if config is None:
+        config = read_config(folder)
+    params = convert_vae(folder, config)
+    return build_with_params(lambda: AutoencoderKL(config, dtype=dtype, rngs=nnx.Rngs(0)), params,
+                             dtype=dtype, what="VAE")
