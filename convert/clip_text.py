@@ -73,7 +73,7 @@ def _stream(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
                                   "re-download it") from None
 
 
-def _add_prefix(key: str, arr: np.ndarray):
+def add_text_model_prefix(key: str, arr: np.ndarray):
     """transformers >= 5 saves CLIPTextModel without the `text_model.` prefix; put it back."""
     yield (key if key.startswith(_TOP_LEVEL) else _PREFIX + key), arr
 
@@ -89,7 +89,7 @@ def convert_clip_text(folder_or_file: str | Path, config: CLIPTextConfig, dtype=
     dtype: numpy dtype to store floating parameters in (None keeps the file's dtype).
     Raises CheckpointError naming a key on any missing/unexpected key or shape mismatch.
     """
-    tensors = renamed(_stream(safetensors_files(folder_or_file)), _add_prefix)
+    tensors = renamed(_stream(safetensors_files(folder_or_file)), add_text_model_prefix)
     return convert_tensors(tensors, expected_params(config), what=_WHAT, dtype=dtype, ignore=("position_ids",))
 
 

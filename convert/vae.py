@@ -1,7 +1,8 @@
 """diffusers AutoencoderKL checkpoints (a `vae/` folder) -> flat parameters for `storydiff_jax.models.vae`.
 
-Tensors are streamed from the safetensors file one at a time through `convert.state_dict.convert_tensors`,
-so peak memory is the converted output plus one tensor.
+Tensors are streamed from `diffusion_pytorch_model.safetensors` (or its `.fp16` variant when that is the only
+file) one at a time through `convert.state_dict.convert_tensors`, so peak memory is the converted output
+plus one tensor.
 """
 
 from __future__ import annotations
@@ -13,16 +14,13 @@ from typing import Iterator
 
 import jax.numpy as jnp
 import numpy as np
-import torch
 from flax import nnx
-from safetensors import SafetensorError, safe_open
 
+from convert.safetensors_io import iter_tensors, weights_file
 from convert.state_dict import convert_tensors, renamed
 from storydiff_jax.errors import CheckpointError
 from storydiff_jax.models.vae import AutoencoderKL, VAEConfig
 from storydiff_jax.params import abstract_params, build_with_params
-
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
 
 # Checkpoints saved before diffusers' attention refactor name the VAE mid-block attention like this
 # (diffusers' ModelMixin._convert_deprecated_attention_blocks does the same rename at load time). The
@@ -39,17 +37,8 @@ def rename_vae_key(key: str, arr) -> Iterator[tuple[str, object]]:
     yield key, arr
 
 
-def weights_file(folder: str | Path) -> Path:
-    """The VAE's safetensors file in `folder`: the full-precision one, else the fp16 variant."""
-    folder = Path(folder)
-    for name in WEIGHT_FILES:
-        if (folder / name).is_file():
-            return folder / name
-    raise CheckpointError(f"no {' or '.join(WEIGHT_FILES)} in {folder}; pass the VAE folder of a diffusers model "
-                          f"(the one holding config.json and the weights)")
-
-
 def read_config(folder: str | Path) -> VAEConfig:
+    """The VAEConfig of a diffusers VAE folder's config.json."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"no config.json in {folder}; pass the VAE folder of a diffusers model")
@@ -57,20 +46,6 @@ def read_config(folder: str | Path) -> VAEConfig:
         return VAEConfig.from_dict(json.loads(path.read_text()))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-download the model") from e
-
-
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A torch tensor as numpy without changing its dtype (bfloat16 via ml_dtypes, which numpy lacks)."""
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(jnp.bfloat16)
-    return t.numpy()
-
-
-def _stream(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    # framework="pt" so bfloat16 files load too (safetensors' numpy backend cannot read them).
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
-            yield key, _to_numpy(f.get_tensor(key))
 
 
 def expected_params(config: VAEConfig) -> dict:
@@ -81,15 +56,13 @@ def expected_params(config: VAEConfig) -> dict:
 def convert_vae(folder: str | Path, config: VAEConfig, dtype=None) -> dict[str, np.ndarray]:
     """Convert the diffusers VAE weights in `folder` to our flat {path: array} dict.
 
-    dtype: numpy/jnp dtype for floating parameters (None keeps the file's dtype).
+    dtype: numpy/jnp dtype for floating parameters (None keeps the file's dtype; bfloat16 files come out as
+    float32, see convert.safetensors_io).
     Raises CheckpointError naming a key when the checkpoint does not fit `config`.
     """
-    path = weights_file(folder)
-    expected = expected_params(config)
-    try:
-        return convert_tensors(renamed(_stream(path), rename_vae_key), expected, what=f"VAE {path}", dtype=dtype)
-    except (OSError, SafetensorError) as e:   # a truncated or corrupt file
-        raise CheckpointError(f"cannot read {path} ({e}); the file is corrupt or incomplete, re-download it") from e
+    path = weights_file(str(folder), "diffusion_pytorch_model")
+    tensors = renamed(iter_tensors(path), rename_vae_key)
+    return convert_tensors(tensors, expected_params(config), what=f"VAE {path}", dtype=dtype)
 
 
 def load_vae(folder: str | Path, config: VAEConfig | None = None, *, dtype=jnp.float32) -> AutoencoderKL:

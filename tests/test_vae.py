@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ TINY = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels
             norm_num_groups=8, down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
             sample_size=32, scaling_factor=0.18215)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _check_close(ours, ref, what):
@@ -147,6 +149,9 @@ def test_config_round_trip_and_errors(torch_vae_dir):
                                                           "DownEncoderBlock2D"]})
     with pytest.raises(ConfigError, match="norm_num_groups"):
         VAEConfig.from_dict({**TINY, "norm_num_groups": 5})
+    # The configs shipped for single-file checkpoints are the presets.
+    for arch in ("sd15", "sdxl"):
+        assert read_config(ROOT / "convert" / "configs" / arch / "vae") == PRESETS[arch]
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

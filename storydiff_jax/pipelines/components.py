@@ -1,0 +1,162 @@
+"""A text-to-image model's parts (U-Net, VAE, text encoders, tokenizers, sampler config) and loading them.
+
+Two sources: a folder written by `python -m convert pipeline`, or a named preset (`tiny-sdxl`,
+`tiny-sd15`, `sdxl`, `sd15`) whose weights are random from a seed: the tiny presets let the whole
+flow run on a laptop CPU, the full-size ones serve benchmarks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .. import checkpoints
+from ..errors import CheckpointError, ConfigError
+from ..models import clip_text, unet as unet_lib, vae as vae_lib
+from ..models.clip_text import CLIPTextConfig, CLIPTextModel
+from ..models.unet import UNet2DConditionModel, UNetConfig
+from ..models.vae import AutoencoderKL, VAEConfig
+from ..params import build_with_params
+from ..schedulers import SchedulerConfig
+from ..tokenizer_files import write_clip_tokenizer
+
+ARCHITECTURES = ("sd15", "sdxl")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    arch: str                                  # "sd15" or "sdxl"
+    unet: UNetConfig
+    vae: VAEConfig
+    text_encoder: CLIPTextConfig
+    text_encoder_2: CLIPTextConfig | None      # SDXL's OpenCLIP bigG; None for SD1.5
+    scheduler: SchedulerConfig
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return ("unet", "vae", "text_encoder") + (("text_encoder_2",) if self.text_encoder_2 else ())
+
+    @property
+    def latent_stride(self) -> int:
+        """Image sides must be multiples of this: VAE downscale x U-Net downscale."""
+        return self.vae.downscale * self.unet.downsample_factor
+
+    def component_config(self, name: str):
+        return getattr(self, name)
+
+    def to_index(self) -> dict[str, Any]:
+        return {"arch": self.arch, "components": list(self.components)}
+
+
+def _tiny_text(name: str) -> CLIPTextConfig:
+    # The real CLIP vocabulary (49408 tokens) so the real tokenizer works with the tiny encoders.
+    return dataclasses.replace(clip_text.PRESETS[name], vocab_size=49408)
+
+
+def _preset(name: str) -> PipelineConfig:
+    tiny = name.startswith("tiny-")
+    arch = name.removeprefix("tiny-")
+    if arch == "sdxl":
+        return PipelineConfig(
+            "sdxl", unet_lib.PRESETS[name], vae_lib.PRESETS[name],
+            _tiny_text("tiny-clip-l") if tiny else clip_text.PRESETS["clip-l"],
+            _tiny_text("tiny-clip-bigg") if tiny else clip_text.PRESETS["clip-bigg"],
+            SchedulerConfig.preset("sdxl"))
+    return PipelineConfig(
+        "sd15", unet_lib.PRESETS[name], vae_lib.PRESETS[name],
+        _tiny_text("tiny-clip-l") if tiny else clip_text.PRESETS["clip-l"], None, SchedulerConfig.preset("sd15"))
+
+
+PRESETS: dict[str, PipelineConfig] = {n: _preset(n) for n in ("tiny-sdxl", "tiny-sd15", "sdxl", "sd15")}
+
+_BUILDERS = {
+    "unet": UNet2DConditionModel,
+    "vae": AutoencoderKL,
+    "text_encoder": CLIPTextModel,
+    "text_encoder_2": CLIPTextModel,
+}
+
+
+def config_from_dicts(arch: str, dicts: dict[str, dict]) -> PipelineConfig:
+    """A PipelineConfig from per-component config dicts (diffusers/transformers field names)."""
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
+    te2 = dicts.get("text_encoder_2")
+    return PipelineConfig(
+        arch, UNetConfig.from_dict(dicts["unet"]), VAEConfig.from_dict(dicts["vae"]),
+        CLIPTextConfig.from_dict(dicts["text_encoder"]), CLIPTextConfig.from_dict(te2) if te2 else None,
+        SchedulerConfig.from_dict(dicts.get("scheduler") or {"_class_name": "DDIMScheduler",
+                                                              **SchedulerConfig.preset(arch).to_dict()}))
+
+
+@dataclass
+class Components:
+    """Built models plus what sampling needs next to them."""
+    config: PipelineConfig
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModel | None
+    tokenizer: Any
+    tokenizer_2: Any
+    source: str                                 # folder path or "preset:<name>"
+    dtype: Any = jnp.float32
+
+
+def _random_models(config: PipelineConfig, seed: int, dtype) -> dict[str, nnx.Module]:
+    rngs = nnx.Rngs(seed)
+    return {name: _BUILDERS[name](config.component_config(name), dtype=dtype, rngs=rngs)
+            for name in config.components}
+
+
+_PRESET_TOKENIZERS: dict[str, str] = {}
+
+
+def _preset_tokenizer_dir(pad_token: str) -> str:
+    """CLIP tokenizer files built once per process from the shipped BPE merges."""
+    if pad_token not in _PRESET_TOKENIZERS:
+        folder = tempfile.mkdtemp(prefix="storydiff-tokenizer-")
+        write_clip_tokenizer(folder, pad_token=pad_token)
+        _PRESET_TOKENIZERS[pad_token] = folder
+    return _PRESET_TOKENIZERS[pad_token]
+
+
+def load_components(source: str, *, dtype=jnp.float32, seed: int = 0) -> Components:
+    """Load a converted folder, or build a preset (`tiny-sdxl`, `tiny-sd15`, `sdxl`, `sd15`) with random weights."""
+    if source in PRESETS:
+        config = PRESETS[source]
+        models = _random_models(config, seed, dtype)
+        tok = clip_text.load_tokenizer(_preset_tokenizer_dir("<|endoftext|>"))
+        tok2 = clip_text.load_tokenizer(_preset_tokenizer_dir("!")) if config.text_encoder_2 else None
+        return Components(config, models["unet"], models["vae"], models["text_encoder"],
+                          models.get("text_encoder_2"), tok, tok2, f"preset:{source}", dtype)
+    if not os.path.isdir(source):
+        raise CheckpointError(f"{source}: neither a converted folder nor a preset "
+                              f"({', '.join(PRESETS)}); convert a checkpoint with `python -m convert pipeline`")
+    index = checkpoints.read_index(source)
+    arch = index.get("arch")
+    dicts = {name: checkpoints.read_json(source, f"{name}/config.json") for name in index.get("components", [])}
+    dicts["scheduler"] = checkpoints.read_json(source, "scheduler/scheduler_config.json")
+    config = config_from_dicts(arch, dicts)
+    models = {}
+    for name in config.components:
+        params = checkpoints.load_params(os.path.join(source, name, "params"))
+        cfg = config.component_config(name)
+        models[name] = build_with_params(lambda: _BUILDERS[name](cfg, dtype=dtype, rngs=nnx.Rngs(0)), params,
+                                         dtype=dtype, what=f"{source}/{name}")
+    tok = clip_text.load_tokenizer(os.path.join(source, "tokenizer"))
+    tok2 = clip_text.load_tokenizer(os.path.join(source, "tokenizer_2")) if config.text_encoder_2 else None
+    return Components(config, models["unet"], models["vae"], models["text_encoder"], models.get("text_encoder_2"),
+                      tok, tok2, os.path.abspath(source), dtype)
+
+
+def load_pipeline(source: str, *, dtype=jnp.float32, seed: int = 0) -> Components:
+    """Public entry point: the loaded parts of a converted folder (or preset), ready for a pipeline."""
+    return load_components(source, dtype=dtype, seed=seed)
