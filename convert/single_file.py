@@ -225,7 +225,7 @@ def write_tokenizers(out_dir: str | Path, arch: str) -> list[Path]:
     Single files carry no tokenizer. All SD1.5/SDXL tokenizers share CLIP's vocabulary; SDXL's second
     one (OpenCLIP bigG) pads with `!` (id 0) instead of `<|endoftext|>`, as in the published repo.
     """
-    from convert.clip_vocab import EOS, write_tokenizer
+    from storydiff_jax.tokenizer_files import EOS, write_clip_tokenizer as write_tokenizer
     _check_arch(arch)
     out = Path(out_dir)
     folders = [write_tokenizer(out / "tokenizer", pad_token=EOS)]

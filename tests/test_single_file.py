@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from convert import single_file as sf
-from convert.clip_vocab import VOCAB_SIZE, bytes_to_unicode, build_vocab, load_merges
+from storydiff_jax.tokenizer_files import VOCAB_SIZE, bytes_to_unicode, build_vocab, load_merges
 from convert.state_dict import convert_tensors
 from storydiff_jax.errors import CheckpointError, ConfigError
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from storydiff_jax.errors import CheckpointError, ConfigError
+from storydiff_jax.errors import ConfigError
 from storydiff_jax.nn.attention import dot_product_attention
 from storydiff_jax.nn.norms import LayerNorm
 
@@ -226,21 +225,14 @@ class CLIPTextModel(nnx.Module):
 
 
 def load_tokenizer(folder: str):
-    """A transformers `CLIPTokenizer` from a tokenizer folder (vocab.json + merges.txt, or tokenizer.json).
+    """Our CLIP BPE tokenizer (`storydiff_jax.tokenizer`) from a tokenizer folder.
 
     Its own special-token settings are kept: SD1.5 / SDXL `tokenizer` pad with <|endoftext|>, SDXL
-    `tokenizer_2` pads with "!" (id 0).
+    `tokenizer_2` pads with "!" (id 0). Ids equal transformers' CLIPTokenizer (tests/test_tokenizer.py).
     """
-    from transformers import CLIPTokenizer  # lazy: only tokenizing needs transformers
+    from ..tokenizer import CLIPTokenizer
 
-    if not Path(folder).is_dir():
-        raise CheckpointError(f"tokenizer folder {folder} does not exist; pass the pipeline's tokenizer/ folder")
-    try:
-        # local_files_only: a missing file must fail here, not turn into a hub download attempt.
-        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
-        raise CheckpointError(f"cannot load a CLIP tokenizer from {folder}: {e}; point at a folder with "
-                              "vocab.json and merges.txt (e.g. the pipeline's tokenizer/)") from None
+    return CLIPTokenizer.from_folder(str(folder))
 
 
 def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int = 77) -> np.ndarray:
@@ -250,5 +242,4 @@ def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int = 77) -> n
     """
     if isinstance(prompts, str):
         prompts = [prompts]
-    ids = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True)["input_ids"]
-    return np.asarray(ids, dtype=np.int32)
+    return np.asarray(tokenizer(list(prompts), max_length=max_length), dtype=np.int32)

@@ -321,6 +321,7 @@ class UNet2DConditionModel(nnx.Module):
         if cfg.is_sdxl:
             if text_embeds is None or time_ids is None:
                 raise ConfigError("this SDXL U-Net needs text_embeds (pooled text) and time_ids (6 numbers)")
+            time_ids = jnp.broadcast_to(time_ids, (b, time_ids.shape[-1]))
             time_emb = sinusoidal_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
                                             flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
             add = jnp.concatenate([text_embeds.astype(jnp.float32), time_emb.reshape(b, -1)], axis=-1)

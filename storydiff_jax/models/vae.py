@@ -94,9 +94,10 @@ class VAEConfig:
 
 
 def _tiny(scaling_factor: float) -> VAEConfig:
-    return VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32,
-                     scaling_factor=scaling_factor, down_block_types=("DownEncoderBlock2D",) * 2,
-                     up_block_types=("UpDecoderBlock2D",) * 2)
+    # Four levels like the real VAE, so latents are 1/8 of the image side as with real checkpoints.
+    return VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
+                     scaling_factor=scaling_factor, down_block_types=("DownEncoderBlock2D",) * 4,
+                     up_block_types=("UpDecoderBlock2D",) * 4)
 
 
 PRESETS: dict[str, VAEConfig] = {

@@ -13,8 +13,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from .. import checkpoints
@@ -23,7 +23,7 @@ from ..models import clip_text, unet as unet_lib, vae as vae_lib
 from ..models.clip_text import CLIPTextConfig, CLIPTextModel
 from ..models.unet import UNet2DConditionModel, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
-from ..params import build_with_params
+from ..params import abstract_params, build_with_params
 from ..schedulers import SchedulerConfig
 from ..tokenizer_files import write_clip_tokenizer
 
@@ -110,10 +110,38 @@ class Components:
     dtype: Any = jnp.float32
 
 
+def random_params(expected: dict, seed: int) -> dict[str, np.ndarray]:
+    """Random weights for a parameter layout, drawn with numpy (fast, no compilation).
+
+    Kernels ~ N(0, 1/fan_in), embeddings ~ N(0, 0.02), norm scales 1, biases 0: outputs keep a sane
+    scale through deep networks, which is all a random-weight preset needs.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for path, spec in sorted(expected.items()):
+        leaf = path.rsplit(".", 1)[-1]
+        shape = spec.shape
+        if leaf == "kernel":
+            fan_in = int(np.prod(shape[:-1]))
+            arr = rng.standard_normal(shape, np.float32) / np.sqrt(fan_in)
+        elif leaf == "embedding" or "embedding" in path:
+            arr = rng.standard_normal(shape, np.float32) * 0.02
+        elif leaf == "scale":
+            arr = np.ones(shape, np.float32)
+        else:
+            arr = np.zeros(shape, np.float32)
+        out[path] = arr
+    return out
+
+
 def _random_models(config: PipelineConfig, seed: int, dtype) -> dict[str, nnx.Module]:
-    rngs = nnx.Rngs(seed)
-    return {name: _BUILDERS[name](config.component_config(name), dtype=dtype, rngs=rngs)
-            for name in config.components}
+    models = {}
+    for i, name in enumerate(config.components):
+        cls, cfg = _BUILDERS[name], config.component_config(name)
+        build = lambda cls=cls, cfg=cfg: cls(cfg, dtype=dtype, rngs=nnx.Rngs(0))  # noqa: E731
+        params = random_params(abstract_params(build), seed * 7919 + i)
+        models[name] = build_with_params(build, params, dtype=dtype, what=name)
+    return models
 
 
 _PRESET_TOKENIZERS: dict[str, str] = {}

@@ -26,6 +26,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from storydiff_jax.errors import ConfigError, StoryError
 
@@ -71,16 +72,18 @@ class Story:
         return [p.index for p in self.panels if p.index not in ids]
 
 
-def parse_story(text: str, *, id_length: int | None) -> Story:
+def parse_story(text: str, *, id_length: int | None, known_characters: Iterable[str] = ()) -> Story:
     """Parse a story script and plan its id panels.
 
     ``id_length=None`` picks ``default_id_length(story)`` (the CLI should say which it picked).
+    ``known_characters``: characters whose bank is already loaded: they need no id panels.
     Raises ``StoryError`` (with the line number) for anything the script gets wrong.
     """
     story = parse_script(text)
+    known = set(known_characters)
     if id_length is None:
-        id_length = default_id_length(story)
-    story.id_panels = id_plan(story, id_length)
+        id_length = default_id_length(story, skip=known)
+    story.id_panels = id_plan(story, id_length, skip=known)
     story.id_length = id_length
     return story
 
@@ -256,27 +259,32 @@ def solo_panels(story: Story) -> dict[str, list[int]]:
     return {name: solo[name] for name in story.characters if name in solo}
 
 
-def max_id_length(story: Story) -> int:
+def max_id_length(story: Story, *, skip: Iterable[str] = ()) -> int:
     """The largest ``id_length`` every character supports (its number of single-character panels).
 
     0 means some character never appears alone, so no ``id_length`` works. When no panel shows a
     character nothing limits it; the number of panels is returned as a natural cap.
     """
-    counts = [len(indices) for indices in solo_panels(story).values()]
+    skip = set(skip)
+    counts = [len(indices) for name, indices in solo_panels(story).items() if name not in skip]
     return min(counts) if counts else len(story.panels)
 
 
-def default_id_length(story: Story, preferred: int = 4) -> int:
+def default_id_length(story: Story, preferred: int = 4, *, skip: Iterable[str] = ()) -> int:
     """``min(preferred, max_id_length(story))``, at least 1 (so a bad story errors in ``id_plan``)."""
-    return max(1, min(preferred, max_id_length(story)))
+    return max(1, min(preferred, max_id_length(story, skip=skip)))
 
 
-def id_plan(story: Story, id_length: int) -> dict[str, list[int]]:
-    """Each character's first ``id_length`` single-character panels (characters in no panel: none)."""
+def id_plan(story: Story, id_length: int, *, skip: Iterable[str] = ()) -> dict[str, list[int]]:
+    """Each character's first ``id_length`` single-character panels (characters in no panel: none).
+
+    skip: characters that need no id panels (their bank was loaded).
+    """
     if isinstance(id_length, bool) or not isinstance(id_length, int) or id_length < 1:
         raise ConfigError(f"id_length must be a whole number >= 1, got {id_length!r}; try --id-length 2")
-    solo = solo_panels(story)
-    largest = max_id_length(story)
+    skip = set(skip)
+    solo = {name: indices for name, indices in solo_panels(story).items() if name not in skip}
+    largest = max_id_length(story, skip=skip)
     plan: dict[str, list[int]] = {}
     for name, indices in solo.items():
         if len(indices) < id_length:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 ASSET = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 VOCAB_SIZE = 49408
 # CLIP keeps only the first 49152 - 256 - 2 merges of the file, so that 256 bytes + 256 `</w>` bytes
@@ -60,7 +61,7 @@ def build_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     return vocab
 
 
-def write_tokenizer(out_dir: str | Path, *, pad_token: str = EOS, model_max_length: int = 77,
+def write_clip_tokenizer(out_dir: str | Path, *, pad_token: str = EOS, model_max_length: int = 77,
                     merges_path: str | Path = ASSET) -> Path:
     """Write an HF CLIPTokenizer folder (vocab.json, merges.txt, tokenizer_config.json,
     special_tokens_map.json) to `out_dir`; returns it. Loadable with `CLIPTokenizer.from_pretrained`."""

@@ -1,0 +1,125 @@
+"""Character banks: the stored attention-input tokens of each character's id panels, per step and layer.
+
+A bank is what lets later panels (or a later run, via `--save-bank`/`--load-bank`) keep a character
+without regenerating its id panels. It is only meaningful for the same model, image size, sampler and
+step count, which `check_compatible` enforces.
+
+Layout: for each CSA layer, `tokens[layer]` is [steps, chars, 2 (CFG halves), K_L, C] and
+`valid[L]` is [steps, chars, K_L] (K_L is a fixed capacity; padding slots are invalid).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..errors import ConfigError
+
+_COMPAT_KEYS = ("model", "height", "width", "steps", "sampler")
+
+
+class CharacterBank:
+    def __init__(self, characters: dict[str, str], tokens: list[np.ndarray], valid: dict[int, np.ndarray],
+                 meta: dict, layer_tokens: list[int]):
+        self.characters = dict(characters)       # name -> description it was generated from
+        self.tokens = list(tokens)
+        self.valid = dict(valid)
+        self.meta = dict(meta)
+        self.layer_tokens = list(layer_tokens)
+
+    @classmethod
+    def from_runs(cls, characters: dict[str, str], banks: list[tuple], valids: list[dict], meta: dict,
+                  layer_tokens: list[int], widths: list[int], dtype) -> "CharacterBank":
+        """Stack per-character write outputs (tuple over layers of [steps, 2, K, C]) along a chars axis."""
+        steps = meta["steps"]
+        if banks:
+            tokens = [np.stack([np.asarray(b[layer]) for b in banks], axis=1) for layer in range(len(layer_tokens))]
+            valid = {L: np.stack([v[L] for v in valids], axis=1) for L in valids[0]}
+        else:
+            tokens = [np.zeros((steps, 0, 2, 1, w), dtype) for w in widths]
+            valid = {L: np.zeros((steps, 0, 1), bool) for L in set(layer_tokens)}
+        return cls(characters, tokens, valid, meta, layer_tokens)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tokens)
+
+    def check_compatible(self, meta: dict) -> None:
+        for key in _COMPAT_KEYS:
+            if self.meta.get(key) != meta.get(key):
+                raise ConfigError(f"the loaded bank was made with {key}={self.meta.get(key)!r}, this run uses "
+                                  f"{meta.get(key)!r}; use the same {key} as when the bank was saved")
+
+    def merged(self, other: "CharacterBank") -> "CharacterBank":
+        """This bank's characters followed by `other`'s (capacities padded to the larger one)."""
+        if not other.characters:
+            return self
+        if not self.characters:
+            return other
+        tokens = []
+        for a, b in zip(self.tokens, other.tokens):
+            k = max(a.shape[3], b.shape[3])
+            pad = lambda t: np.pad(t, [(0, 0)] * 3 + [(0, k - t.shape[3]), (0, 0)])
+            tokens.append(np.concatenate([pad(a), pad(b)], axis=1))
+        valid = {}
+        for L in self.valid:
+            a, b = self.valid[L], other.valid[L]
+            k = max(a.shape[2], b.shape[2])
+            pad = lambda t: np.pad(t, [(0, 0), (0, 0), (0, k - t.shape[2])])
+            valid[L] = np.concatenate([pad(a), pad(b)], axis=1)
+        return CharacterBank({**self.characters, **other.characters}, tokens, valid, self.meta, self.layer_tokens)
+
+    def device_arrays(self):
+        return tuple(jnp.asarray(t) for t in self.tokens), {L: jnp.asarray(v) for L, v in self.valid.items()}
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str) -> None:
+        """One .npz file (meta as JSON inside), written to a temporary name and renamed."""
+        header = {"characters": self.characters, "meta": self.meta, "layer_tokens": self.layer_tokens,
+                  "dtype": str(self.tokens[0].dtype) if self.tokens else "float32"}
+        arrays = {f"tokens_{i}": _storable(t) for i, t in enumerate(self.tokens)}
+        arrays.update({f"valid_{L}": v for L, v in self.valid.items()})
+        arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".bank-", suffix=".npz", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str) -> "CharacterBank":
+        try:
+            data = np.load(path)
+            header = json.loads(bytes(data["header"]).decode())
+            layer_tokens = header["layer_tokens"]
+            dtype = header["dtype"]
+            tokens = [_restore(data[f"tokens_{i}"], dtype) for i in range(len(layer_tokens))]
+            valid = {int(L): data[f"valid_{L}"] for L in sorted(set(layer_tokens))}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: bank file not found; make one with --save-bank") from None
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: not a readable character bank ({type(e).__name__}); "
+                              "save it again with --save-bank") from None
+        return cls(header["characters"], tokens, valid, header["meta"], layer_tokens)
+
+
+def _storable(t: np.ndarray) -> np.ndarray:
+    # numpy's npz has no bfloat16: store its bits.
+    return t.view(np.uint16) if t.dtype.name == "bfloat16" else t
+
+
+def _restore(t: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return t.view(jnp.bfloat16)
+    return t
