@@ -218,9 +218,12 @@ def test_tokenize_pads_and_truncates_like_diffusers(tmp_path):
     assert (ids[0, 4:] == eos).all()                       # CLIP-L pads with its EOS token
     assert ids[1, 0] == bos and ids[1, -1] == eos          # truncated, EOS kept last
     assert ids[1, 1:4].tolist() == [vocab["d"], vocab["o"], vocab["g</w>"]]
-    # Same ids as the tokenizer called the way diffusers' pipelines call it.
-    ref = tok(["A cat", "dog " * 100], padding="max_length", max_length=SEQ, truncation=True,
-              return_tensors="np").input_ids
+    # Same ids as transformers' tokenizer called the way diffusers' pipelines call it.
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    hf = HFTokenizer.from_pretrained(str(tmp_path / "tokenizer"), local_files_only=True)
+    ref = hf(["A cat", "dog " * 100], padding="max_length", max_length=SEQ, truncation=True,
+             return_tensors="np").input_ids
     np.testing.assert_array_equal(ids, ref)
 
     vocab = _write_tokenizer(tmp_path / "tokenizer_2", pad_token="!")

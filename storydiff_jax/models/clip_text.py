@@ -25,6 +25,8 @@ from storydiff_jax.errors import ConfigError
 from storydiff_jax.nn.attention import dot_product_attention
 from storydiff_jax.nn.norms import LayerNorm
 
+from ..nn.layers import Embed, Linear
+
 # transformers' names for the two activations CLIP checkpoints use. "gelu" there is the exact
 # (erf) GELU, not the tanh approximation.
 _ACTIVATIONS = {
@@ -112,15 +114,15 @@ class CLIPTextOutput(NamedTuple):
     pooled: jax.Array             # [B, hidden] normed state at the EOS token, or [B, projection_dim] projected
 
 
-def _linear(n_in: int, n_out: int, *, bias: bool = True, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+def _linear(n_in: int, n_out: int, *, bias: bool = True, dtype, rngs: nnx.Rngs) -> Linear:
+    return Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
 class CLIPTextEmbeddings(nnx.Module):
     def __init__(self, config: CLIPTextConfig, *, dtype, rngs: nnx.Rngs):
-        self.token_embedding = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype,
+        self.token_embedding = Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype,
                                          rngs=rngs)
-        self.position_embedding = nnx.Embed(config.max_position_embeddings, config.hidden_size, dtype=dtype,
+        self.position_embedding = Embed(config.max_position_embeddings, config.hidden_size, dtype=dtype,
                                             param_dtype=dtype, rngs=rngs)
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .layers import Linear
+
 _HALF = (jnp.float16, jnp.bfloat16)
 
 
@@ -54,11 +56,11 @@ class Attention(nnx.Module):
         kv_dim = cross_attention_dim or query_dim
         self.heads = heads
         self.dim_head = dim_head
-        self.to_q = nnx.Linear(query_dim, inner, use_bias=qkv_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
-        self.to_k = nnx.Linear(kv_dim, inner, use_bias=qkv_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
-        self.to_v = nnx.Linear(kv_dim, inner, use_bias=qkv_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.to_q = Linear(query_dim, inner, use_bias=qkv_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.to_k = Linear(kv_dim, inner, use_bias=qkv_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.to_v = Linear(kv_dim, inner, use_bias=qkv_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
         # A list so parameter paths read `to_out.0.*` exactly like the PyTorch state dict.
-        self.to_out = nnx.List([nnx.Linear(inner, query_dim, use_bias=out_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)])
+        self.to_out = nnx.List([Linear(inner, query_dim, use_bias=out_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)])
 
     def split_heads(self, x: jax.Array) -> jax.Array:
         return x.reshape(*x.shape[:-1], self.heads, self.dim_head)

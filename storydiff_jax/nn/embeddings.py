@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .layers import Linear
+
 
 def sinusoidal_embedding(t: jax.Array, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
                          max_period: float = 10000.0) -> jax.Array:
@@ -24,8 +26,8 @@ class TimestepEmbedding(nnx.Module):
     """linear_1 -> SiLU -> linear_2."""
 
     def __init__(self, in_dim: int, out_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.linear_1 = nnx.Linear(in_dim, out_dim, dtype=dtype, param_dtype=dtype, rngs=rngs)
-        self.linear_2 = nnx.Linear(out_dim, out_dim, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.linear_1 = Linear(in_dim, out_dim, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.linear_2 = Linear(out_dim, out_dim, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear_2(jax.nn.silu(self.linear_1(x)))

@@ -6,14 +6,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .layers import Conv, Linear
 from .norms import GroupNorm
 
 
 def conv(in_ch: int, out_ch: int, kernel: int = 3, *, stride: int = 1, padding=None, dtype=jnp.float32,
-         rngs: nnx.Rngs) -> nnx.Conv:
+         rngs: nnx.Rngs) -> Conv:
     """A Conv2D with PyTorch's symmetric `kernel // 2` padding unless told otherwise."""
     pad = kernel // 2
-    return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=(stride, stride),
+    return Conv(in_ch, out_ch, (kernel, kernel), strides=(stride, stride),
                     padding=padding if padding is not None else ((pad, pad), (pad, pad)),
                     dtype=dtype, param_dtype=dtype, rngs=rngs)
 
@@ -28,7 +29,7 @@ class ResnetBlock2D(nnx.Module):
                  dtype=jnp.float32, rngs: nnx.Rngs):
         self.norm1 = GroupNorm(groups, in_ch, eps, dtype=dtype)
         self.conv1 = conv(in_ch, out_ch, dtype=dtype, rngs=rngs)
-        self.time_emb_proj = (nnx.Linear(temb_channels, out_ch, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.time_emb_proj = (Linear(temb_channels, out_ch, dtype=dtype, param_dtype=dtype, rngs=rngs)
                               if temb_channels else None)
         self.norm2 = GroupNorm(groups, out_ch, eps, dtype=dtype)
         self.conv2 = conv(out_ch, out_ch, dtype=dtype, rngs=rngs)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .attention import Attention
+from .layers import Conv, Linear
 from .norms import GroupNorm, LayerNorm
 
 SelfAttentionHook = Callable[[Attention, jax.Array], jax.Array]
@@ -22,7 +23,7 @@ class GEGLU(nnx.Module):
     """Linear to 2x width; first half times exact (erf) GELU of the second half."""
 
     def __init__(self, dim: int, inner: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.proj = nnx.Linear(dim, 2 * inner, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.proj = Linear(dim, 2 * inner, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         hidden, gate = jnp.split(self.proj(x), 2, axis=-1)
@@ -35,7 +36,7 @@ class FeedForward(nnx.Module):
     def __init__(self, dim: int, mult: int = 4, *, dtype=jnp.float32, rngs: nnx.Rngs):
         inner = dim * mult
         self.net = nnx.List([GEGLU(dim, inner, dtype=dtype, rngs=rngs), None,
-                             nnx.Linear(inner, dim, dtype=dtype, param_dtype=dtype, rngs=rngs)])
+                             Linear(inner, dim, dtype=dtype, param_dtype=dtype, rngs=rngs)])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.net[2](self.net[0](x))
@@ -69,11 +70,11 @@ class Transformer2D(nnx.Module):
         self.use_linear_projection = use_linear_projection
         self.norm = GroupNorm(groups, channels, 1e-6, dtype=dtype)
         if use_linear_projection:
-            self.proj_in = nnx.Linear(channels, channels, dtype=dtype, param_dtype=dtype, rngs=rngs)
-            self.proj_out = nnx.Linear(channels, channels, dtype=dtype, param_dtype=dtype, rngs=rngs)
+            self.proj_in = Linear(channels, channels, dtype=dtype, param_dtype=dtype, rngs=rngs)
+            self.proj_out = Linear(channels, channels, dtype=dtype, param_dtype=dtype, rngs=rngs)
         else:
-            self.proj_in = nnx.Conv(channels, channels, (1, 1), dtype=dtype, param_dtype=dtype, rngs=rngs)
-            self.proj_out = nnx.Conv(channels, channels, (1, 1), dtype=dtype, param_dtype=dtype, rngs=rngs)
+            self.proj_in = Conv(channels, channels, (1, 1), dtype=dtype, param_dtype=dtype, rngs=rngs)
+            self.proj_out = Conv(channels, channels, (1, 1), dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.transformer_blocks = nnx.List([
             BasicTransformerBlock(channels, heads, dim_head, cross_attention_dim, dtype=dtype, rngs=rngs)
             for _ in range(depth)])

@@ -1,0 +1,1 @@
+"""Command-line inference entry points: `python -m infer.story` (and, later, `python -m infer.transition`)."""

@@ -1,0 +1,358 @@
+"""Consistent Self-Attention parity: our hooks vs an independent PyTorch re-statement (diffusers processor).
+
+The PyTorch side (`StoryCSAProcessor` below) re-states the official StoryDiffusion attention processor
+from its description (docs: ../shared/REFERENCE.md, "Official StoryDiffusion behaviour"), as a
+diffusers attention processor set on the up blocks' attn1 only (every other attention keeps
+`AttnProcessor`):
+
+* write (id images of one character, batch [uncond x n, cond x n]): every up-block attn1 call stores
+  the selected tokens of its input (after norm1) per CFG half, `hidden.view(2, n*L, C)[:, selection]`,
+  at every step. When the step's coin flip for the layer says CSA, each half is one sequence of n*L
+  tokens and a query of image a sees a key of image b iff a == b or the key token is selected (the
+  official `cal_attn_mask_xl` mask); otherwise plain per-image self-attention.
+* read (batch [uncond x B, cond x B]): when the panel's flip says CSA, a panel's keys/values in half h
+  are its own L tokens + the stored tokens of half h of each character it names (concatenated);
+  otherwise plain attention. Like our code (and unlike the official, which stores all tokens and
+  re-draws), the read phase sees the write-time selection.
+
+Both sides get the same numpy draws (`draw_write_schedules`, `draw_read_flips`); the torch side reads
+the boolean selections and flips, our side the compacted bank positions. No sampler: each step feeds
+fixed random inputs to both U-Nets and compares the outputs (and the stored banks) at every step.
+
+Tolerance (fp32): max |ours - ref| <= 1e-4 * max(1, max |ref|) for the parity test; the pure-JAX
+equivalences (window vs write, [NC] read vs no hook) <= 1e-5 * max(1, max |ref|).
+"""
+
+import functools
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+
+from convert.unet import convert_unet
+from storydiff_jax import consistent as csa
+from storydiff_jax.models.unet import PRESETS, UNet2DConditionModel, UNetConfig
+from storydiff_jax.params import build_with_params
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
+
+TOL = 1e-4          # torch parity
+TOL_JAX = 1e-5      # JAX-only equivalences
+LATENT = 16         # latent side: up block 0 at 4x4 = 16 tokens, up block 1 at 8x8 = 64 tokens
+IMAGE_HW = (LATENT * 8, LATENT * 8)
+STEPS = 3
+SEED = 7
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+SETTINGS = csa.CSASettings(p_early=0.5, plain_steps=1)   # step 0 plain, later steps mixed flips
+
+
+# --------------------------------------------------------------------------- PyTorch re-statement
+
+class _CSAState:
+    """What the processors share: phase, step and the pre-drawn randomness (numpy)."""
+
+    def __init__(self, n_layers):
+        self.n_layers = n_layers
+        self.mode = None        # "write" | "read"
+        self.step = 0
+        self.selection = None   # write: {L: [steps, n*L] bool}
+        self.flips = None       # write: [steps, n_layers]; read: [B, steps, n_layers]
+        self.bank = None        # write output: {layer: [2, n_sel, C]}
+        self.banks = None       # read input: per character, per step, {layer: [2, n_sel, C]}
+        self.panel_chars = None  # read: per panel, the list of character indices it names
+        self.calls = []
+
+
+def _attention(attn, queries, kv, mask=None):
+    """Scaled dot-product attention of diffusers' Attention `attn`: queries [B, Lq, C], kv [B, Lk, C]."""
+    b = queries.shape[0]
+    heads = attn.heads
+    q, k, v = attn.to_q(queries), attn.to_k(kv), attn.to_v(kv)
+    d = q.shape[-1] // heads
+    q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = out.transpose(1, 2).reshape(b, -1, heads * d)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+class StoryCSAProcessor:
+    """StoryDiffusion's spatial attention processor, for one up-block attn1 layer (index `layer`)."""
+
+    def __init__(self, state: _CSAState, layer: int):
+        self.state, self.layer = state, layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        assert encoder_hidden_states is None and attention_mask is None and hidden_states.ndim == 3
+        assert attn.spatial_norm is None and attn.group_norm is None
+        assert not attn.residual_connection and attn.rescale_output_factor == 1.0
+        s, layer, t = self.state, self.layer, self.state.step
+        s.calls.append(layer)
+        rows, L, C = hidden_states.shape
+        if s.mode == "write":
+            n = rows // 2
+            halves = hidden_states.reshape(2, n * L, C)          # [uncond images | cond images]
+            sel = torch.from_numpy(s.selection[L][t])             # [n*L] bool, shared by both halves
+            s.bank[layer] = halves[:, sel].clone()                # stored at every step
+            if not s.flips[t, layer]:
+                return _attention(attn, hidden_states, hidden_states)
+            image = torch.arange(n * L) // L
+            mask = (image[:, None] == image[None, :]) | sel[None, :]   # query token x key token
+            return _attention(attn, halves, halves, mask).reshape(rows, L, -1)
+        assert s.mode == "read"
+        b = rows // 2
+        out = []
+        for h in range(2):
+            for p in range(b):
+                x = hidden_states[h * b + p]
+                kv = [x]
+                if s.flips[p, t, layer]:
+                    kv += [s.banks[c][t][layer][h] for c in s.panel_chars[p]]
+                out.append(_attention(attn, x[None], torch.cat(kv)[None])[0])
+        return torch.stack(out)
+
+
+def _csa_processor_names(unet):
+    """The up blocks' attn1 processors in call order (up block, attention, transformer block)."""
+    def key(name):
+        parts = name.split(".")
+        return int(parts[1]), int(parts[3]), int(parts[5])
+    names = [n for n in unet.attn_processors if n.startswith("up_blocks.") and n.endswith(".attn1.processor")]
+    return sorted(names, key=key)
+
+
+def _install(unet, state):
+    names = _csa_processor_names(unet)
+    procs = {n: AttnProcessor() for n in unet.attn_processors}
+    for layer, name in enumerate(names):
+        procs[name] = StoryCSAProcessor(state, layer)
+    unet.set_attn_processor(procs)
+    return names
+
+
+# --------------------------------------------------------------------------- models and jitted calls
+
+class _Models:
+    pass
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    config = PRESETS["tiny-sdxl"]
+    folder = tmp_path_factory.mktemp("csa") / "unet"
+    torch.manual_seed(0)
+    d = config.to_dict()
+    d.pop("_class_name")
+    ref = diffusers.UNet2DConditionModel(**d).eval()
+    with torch.no_grad():   # random init leaves some layers at zero: perturb everything so they count
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ref.save_pretrained(folder)
+    loaded = UNetConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    assert loaded == config
+    model = build_with_params(lambda: UNet2DConditionModel(loaded, rngs=nnx.Rngs(0)), convert_unet(str(folder), loaded))
+    graphdef, params = nnx.split(model)
+    layers = csa.csa_layers(config, (LATENT, LATENT))
+
+    # Compile time dominates this module on CPU; LLVM's optimisation passes are not worth it here.
+    jit = functools.partial(jax.jit, compiler_options=_FAST_COMPILE)
+
+    def call(params, x, t, ctx, te, tid, hook):
+        return nnx.merge(graphdef, params)(x, t, ctx, text_embeds=te, time_ids=tid, self_attention=hook)
+
+    @jit
+    def plain(params, x, t, ctx, te, tid):
+        return call(params, x, t, ctx, te, tid, None)
+
+    @jit
+    def write(params, x, t, ctx, te, tid, selection, index, flips):
+        hook = csa.WriteHook(layers, selection, index, flips)
+        return call(params, x, t, ctx, te, tid, hook), hook.bank
+
+    @jit
+    def read(params, x, t, ctx, te, tid, bank, valid, panel_chars, flips):
+        hook = csa.ReadHook(layers, bank, valid, panel_chars, flips)
+        return call(params, x, t, ctx, te, tid, hook)
+
+    @jit
+    def window(params, x, t, ctx, te, tid, selection, prev_selection, related, related_prev, flips, carry):
+        hook = csa.WindowHook(layers, selection, prev_selection, related, related_prev, flips, carry)
+        return call(params, x, t, ctx, te, tid, hook)
+
+    m = _Models()
+    m.config, m.ref, m.params, m.layers = config, ref, params, layers
+    m.plain, m.write, m.read, m.window = plain, write, read, window
+    rev = list(reversed(config.block_out_channels))
+    m.channels = [rev[i] for i, kind in enumerate(config.up_block_types) if kind.startswith("CrossAttn")
+                  for _ in range((config.layers_per_block + 1)
+                                 * config.transformer_layers_per_block[len(rev) - 1 - i])]
+    assert len(m.channels) == len(layers)
+    return m
+
+
+def _inputs(config, rows, step, seed):
+    """Fixed random U-Net inputs for one call (NCHW latents as numpy)."""
+    rng = np.random.default_rng([seed, step, rows])
+    x = rng.standard_normal((rows, config.in_channels, LATENT, LATENT)).astype(np.float32)
+    ctx = rng.standard_normal((rows, 7, config.cross_attention_dim)).astype(np.float32)
+    te = rng.standard_normal((rows, config.text_embeds_dim)).astype(np.float32)
+    tid = np.tile(np.array([[IMAGE_HW[0], IMAGE_HW[1], 0, 0, IMAGE_HW[0], IMAGE_HW[1]]], np.float32), (rows, 1))
+    return x, 999 - 100 * step, ctx, te, tid
+
+
+def _jax_args(inp):
+    """Our U-Net's arguments (NHWC). The jitted calls take numpy arrays (no per-shape staging programs)."""
+    x, t, ctx, te, tid = inp
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)), np.int32(t), ctx, te, tid
+
+
+def _torch_run(ref, inp):
+    x, t, ctx, te, tid = inp
+    with torch.no_grad():
+        out = ref(torch.from_numpy(x), torch.tensor(t), torch.from_numpy(ctx),
+                  added_cond_kwargs={"text_embeds": torch.from_numpy(te), "time_ids": torch.from_numpy(tid)}).sample
+    return out.numpy()
+
+
+def _nhwc_to_nchw(y):
+    return np.asarray(y).transpose(0, 3, 1, 2)
+
+
+def _err(out, ref):
+    return float(np.abs(out - ref).max()), max(1.0, float(np.abs(ref).max()))
+
+
+# --------------------------------------------------------------------------- tests
+
+def test_csa_layers_sdxl_768():
+    layers = csa.csa_layers(PRESETS["sdxl"], (96, 96))
+    assert len(layers) == 36
+    assert layers.count(576) == 30 and layers.count(2304) == 6
+    assert layers == [576] * 30 + [2304] * 6     # call order: up_blocks.0 (1/32) then up_blocks.1 (1/16)
+
+
+def test_write_read_match_torch_restatement(models):
+    m = models
+    n_layers = len(m.layers)
+    n_images, chars = 2, 2
+    scheds = csa.draw_write_schedules(SEED, chars, n_images, STEPS, m.layers, IMAGE_HW, SETTINGS)
+    panel_chars = [[0], [0, 1], []]                               # {A}, {A, B}, [NC]
+    read_flips = csa.draw_read_flips(SEED, len(panel_chars), STEPS, n_layers, SETTINGS)
+
+    # The run must exercise both paths, or it could not fail.
+    write_flips = np.stack([s.flips for s in scheds])            # [chars, steps, layers]
+    assert not write_flips[:, 0].any() and not read_flips[:, 0].any()       # plain first step
+    assert write_flips[:, 1:].any() and not write_flips[:, 1:].all()
+    assert read_flips[:2, 1:].any() and not read_flips[:2, 1:].all()
+    for s in scheds:
+        for L in set(m.layers):
+            assert s.selection[L].any() and not s.selection[L].all()
+
+    state = _CSAState(n_layers)
+    names = _install(m.ref, state)
+    assert len(names) == n_layers
+    worst = {"write": 0.0, "bank": 0.0, "read": 0.0}
+
+    # Write runs (one per character): outputs and banks at every step.
+    torch_banks = [[None] * STEPS for _ in range(chars)]
+    jax_banks = [[None] * STEPS for _ in range(chars)]
+    for c, s in enumerate(scheds):
+        for t in range(STEPS):
+            inp = _inputs(m.config, 2 * n_images, t, seed=100 + c)
+            state.mode, state.step, state.selection, state.flips = "write", t, s.selection, s.flips
+            state.bank, state.calls = {}, []
+            ref = _torch_run(m.ref, inp)
+            assert state.calls == list(range(n_layers))
+            torch_banks[c][t] = state.bank
+
+            out, bank = m.write(m.params, *_jax_args(inp),
+                                {L: np.asarray(s.selection[L][t]) for L in s.selection},
+                                {L: np.asarray(s.index[L][t]) for L in s.index}, np.asarray(s.flips[t]))
+            err, scale = _err(_nhwc_to_nchw(out), ref)
+            worst["write"] = max(worst["write"], err / scale)
+            assert err <= TOL * scale, f"write char {c} step {t}: max abs error {err:.2e} (ref scale {scale:.2f})"
+            jax_banks[c][t] = bank
+            for layer, L in enumerate(m.layers):
+                ours = np.asarray(bank[layer])[:, s.valid[L][t]]
+                theirs = state.bank[layer].numpy()
+                assert ours.shape == theirs.shape, (c, t, layer, ours.shape, theirs.shape)
+                err, scale = _err(ours, theirs)
+                worst["bank"] = max(worst["bank"], err / scale)
+                assert err <= TOL * scale, f"bank char {c} step {t} layer {layer}: max abs error {err:.2e}"
+
+    # Read run: 3 panels naming {A}, {A, B}, {} with the stacked banks of the same step.
+    b = len(panel_chars)
+    named = np.zeros((b, chars), bool)
+    for p, cs in enumerate(panel_chars):
+        named[p, cs] = True
+    for t in range(STEPS):
+        inp = _inputs(m.config, 2 * b, t, seed=200)
+        state.mode, state.step, state.flips = "read", t, read_flips
+        state.banks, state.panel_chars, state.calls = torch_banks, panel_chars, []
+        ref = _torch_run(m.ref, inp)
+        assert state.calls == list(range(n_layers))
+
+        bank = [np.stack([jax_banks[c][t][layer] for c in range(chars)]) for layer in range(n_layers)]
+        valid = {L: np.asarray(np.stack([s.valid[L][t] for s in scheds])) for L in scheds[0].valid}
+        out = m.read(m.params, *_jax_args(inp), bank, valid, np.asarray(named), np.asarray(read_flips[:, t]))
+        err, scale = _err(_nhwc_to_nchw(out), ref)
+        worst["read"] = max(worst["read"], err / scale)
+        assert err <= TOL * scale, f"read step {t}: max abs error {err:.2e} (ref scale {scale:.2f})"
+    print(f"\nCSA parity, worst max-abs-error / max(1, max|ref|): "
+          + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
+
+
+def test_window_one_group_equals_write(models):
+    # G = 2 keeps the write call's shapes (its compiled program is reused).
+    m = models
+    g = 2
+    (s,) = csa.draw_write_schedules(SEED + 1, 1, g, 2, m.layers, IMAGE_HW, SETTINGS)
+    t = 1
+    inp = _jax_args(_inputs(m.config, 2 * g, t, seed=300))
+    selection = {L: np.asarray(s.selection[L][t]) for L in s.selection}
+    index = {L: np.asarray(s.index[L][t]) for L in s.index}
+    prev_selection = {L: np.ones(g * L, bool) for L in s.selection}      # masked out by related_prev
+    related = np.ones((g, g), bool)
+    related_prev = np.zeros((g, g), bool)
+    carry = [np.zeros((2, g * L, c), np.float32) for L, c in zip(m.layers, m.channels)]
+    no_csa = None
+    for flips in (np.zeros(len(m.layers), bool), s.flips[t], np.ones(len(m.layers), bool)):
+        flips = np.asarray(flips)
+        ref, _ = m.write(m.params, *inp, selection, index, flips)
+        out = m.window(m.params, *inp, selection, prev_selection, related, related_prev, flips, carry)
+        ref, out = np.asarray(ref), np.asarray(out)
+        err, scale = _err(out, ref)
+        print(f"\nwindow vs write, {int(flips.sum())} CSA layers: max abs error {err:.2e} (scale {scale:.2f})")
+        assert err <= TOL_JAX * scale, f"window vs write: max abs error {err:.2e}"
+        if no_csa is None:
+            no_csa = ref
+        else:   # CSA changed the output, so the comparison is not vacuous
+            assert np.abs(ref - no_csa).max() > 1e-3
+
+
+def test_read_nc_panel_is_plain(models):
+    # Same shapes as the parity test's read call (3 panels, 2 characters, same bank capacity K).
+    m = models
+    scheds = csa.draw_write_schedules(SEED, 2, 2, STEPS, m.layers, IMAGE_HW, SETTINGS)
+    rng = np.random.default_rng(5)
+    b = 3
+    inp = _jax_args(_inputs(m.config, 2 * b, 1, seed=400))
+    bank = [np.asarray(rng.standard_normal((2, 2, scheds[0].index[L].shape[1], c)).astype(np.float32))
+            for L, c in zip(m.layers, m.channels)]
+    valid = {L: np.ones((2, scheds[0].index[L].shape[1]), bool) for L in scheds[0].index}
+    panel_chars = np.asarray([[True, False], [True, True], [False, False]])   # panel 2 is [NC]
+    flips = np.ones((b, len(m.layers)), bool)
+    out = np.asarray(m.read(m.params, *inp, bank, valid, panel_chars, flips))
+    ref = np.asarray(m.plain(m.params, *inp))
+    nc_rows = [2, 2 + b]                                   # panel 2 in both CFG halves
+    err, scale = _err(out[nc_rows], ref[nc_rows])
+    print(f"\n[NC] read vs plain: max abs error {err:.2e} (scale {scale:.2f})")
+    assert err <= TOL_JAX * scale, f"[NC] read panel vs plain U-Net: max abs error {err:.2e}"
+    # The panels that name characters do read their banks (so the check above is not vacuous).
+    for p in (0, 1):
+        assert np.abs(out[[p, p + b]] - ref[[p, p + b]]).max() > 1e-3

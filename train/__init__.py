@@ -1,0 +1,1 @@
+"""Training of the Semantic Motion Predictor and the video U-Net (`python -m train`)."""
