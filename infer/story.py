@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-batch", type=int, default=4, help="panels denoised together in the read phase")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    p.add_argument("--bank-offload", action="store_true", help="keep character banks in host memory and stream each "
+                   "step's tokens to the accelerator (long stories / large images on small GPUs)")
     p.add_argument("--save-bank", metavar="FILE", help="save the characters' banks to FILE (.npz)")
     p.add_argument("--load-bank", metavar="FILE", help="reuse characters from a saved bank instead of generating "
                    "their id panels again (same model, size, steps and sampler)")
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace, log=print) -> str:
         height=args.height or (128 if tiny else 768), width=args.width or (128 if tiny else 768), seed=args.seed,
         id_length=story.id_length, sa32=args.sa32, sa64=args.sa64, mode=args.mode, window=args.window,
         layout=args.layout, sampler=args.sampler, freeu=not args.no_freeu, read_batch=args.read_batch,
-        font=args.font)
+        font=args.font, bank_offload=args.bank_offload)
     t0 = time.perf_counter()
     pipe = StoryPipeline.from_pretrained(source, dtype=dtype)
     load_s = time.perf_counter() - t0

@@ -23,6 +23,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def host_memory(mesh: Mesh) -> NamedSharding:
+    """Replicated, in the hosts' pinned memory: for large buffers (character banks) read one slice a step."""
+    return NamedSharding(mesh, P(), memory_kind="pinned_host")
+
+
 def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
 

@@ -25,6 +25,7 @@ equivalences (window vs write, [NC] read vs no hook) <= 1e-5 * max(1, max |ref|)
 
 import functools
 import json
+import types
 
 import jax
 import numpy as np
@@ -56,8 +57,7 @@ SETTINGS = csa.CSASettings(p_early=0.5, plain_steps=1)   # step 0 plain, later s
 class _CSAState:
     """What the processors share: phase, step and the pre-drawn randomness (numpy)."""
 
-    def __init__(self, n_layers):
-        self.n_layers = n_layers
+    def __init__(self):
         self.mode = None        # "write" | "read"
         self.step = 0
         self.selection = None   # write: {L: [steps, n*L] bool}
@@ -137,10 +137,6 @@ def _install(unet, state):
 
 # --------------------------------------------------------------------------- models and jitted calls
 
-class _Models:
-    pass
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     config = PRESETS["tiny-sdxl"]
@@ -184,7 +180,7 @@ def models(tmp_path_factory):
         hook = csa.WindowHook(layers, selection, prev_selection, related, related_prev, flips, carry)
         return call(params, x, t, ctx, te, tid, hook)
 
-    m = _Models()
+    m = types.SimpleNamespace()
     m.config, m.ref, m.params, m.layers = config, ref, params, layers
     m.plain, m.write, m.read, m.window = plain, write, read, window
     rev = list(reversed(config.block_out_channels))
@@ -253,7 +249,7 @@ def test_write_read_match_torch_restatement(models):
         for L in set(m.layers):
             assert s.selection[L].any() and not s.selection[L].all()
 
-    state = _CSAState(n_layers)
+    state = _CSAState()
     names = _install(m.ref, state)
     assert len(names) == n_layers
     worst = {"write": 0.0, "bank": 0.0, "read": 0.0}

@@ -15,6 +15,7 @@ import os
 import tempfile
 import zipfile
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -38,16 +39,21 @@ class CharacterBank:
         """Stack per-character write outputs (tuple over layers of [steps, 2, K, C]) along a chars axis."""
         steps = meta["steps"]
         if banks:
-            tokens = [np.stack([np.asarray(b[layer]) for b in banks], axis=1) for layer in range(len(layer_tokens))]
+            tokens = [jnp.stack([b[layer] for b in banks], axis=1) for layer in range(len(layer_tokens))]
             valid = {L: np.stack([v[L] for v in valids], axis=1) for L in valids[0]}
         else:
-            tokens = [np.zeros((steps, 0, 2, 1, w), dtype) for w in widths]
+            tokens = [jnp.zeros((steps, 0, 2, 1, w), dtype) for w in widths]
             valid = {L: np.zeros((steps, 0, 1), bool) for L in set(layer_tokens)}
         return cls(characters, tokens, valid, meta, layer_tokens)
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tokens)
+
+    def placed(self, sharding) -> "CharacterBank":
+        """The same bank with its token arrays moved to `sharding` (device or host memory)."""
+        tokens = [jax.device_put(t, sharding) for t in self.tokens]
+        return CharacterBank(self.characters, tokens, self.valid, self.meta, self.layer_tokens)
 
     def check_compatible(self, meta: dict) -> None:
         for key in _COMPAT_KEYS:
@@ -64,8 +70,8 @@ class CharacterBank:
         tokens = []
         for a, b in zip(self.tokens, other.tokens):
             k = max(a.shape[3], b.shape[3])
-            pad = lambda t: np.pad(t, [(0, 0)] * 3 + [(0, k - t.shape[3]), (0, 0)])
-            tokens.append(np.concatenate([pad(a), pad(b)], axis=1))
+            pad = lambda t: jnp.pad(jnp.asarray(t), [(0, 0)] * 3 + [(0, k - t.shape[3]), (0, 0)])
+            tokens.append(jnp.concatenate([pad(a), pad(b)], axis=1))
         valid = {}
         for L in self.valid:
             a, b = self.valid[L], other.valid[L]
@@ -75,14 +81,14 @@ class CharacterBank:
         return CharacterBank({**self.characters, **other.characters}, tokens, valid, self.meta, self.layer_tokens)
 
     def device_arrays(self):
-        return tuple(jnp.asarray(t) for t in self.tokens), {L: jnp.asarray(v) for L, v in self.valid.items()}
+        return tuple(self.tokens), {L: jnp.asarray(v) for L, v in self.valid.items()}
 
     # ------------------------------------------------------------------ files
     def save(self, path: str) -> None:
         """One .npz file (meta as JSON inside), written to a temporary name and renamed."""
         header = {"characters": self.characters, "meta": self.meta, "layer_tokens": self.layer_tokens,
                   "dtype": str(self.tokens[0].dtype) if self.tokens else "float32"}
-        arrays = {f"tokens_{i}": _storable(t) for i, t in enumerate(self.tokens)}
+        arrays = {f"tokens_{i}": _storable(np.asarray(t)) for i, t in enumerate(self.tokens)}
         arrays.update({f"valid_{L}": v for L, v in self.valid.items()})
         arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
         folder = os.path.dirname(os.path.abspath(path))
@@ -104,7 +110,7 @@ class CharacterBank:
             header = json.loads(bytes(data["header"]).decode())
             layer_tokens = header["layer_tokens"]
             dtype = header["dtype"]
-            tokens = [_restore(data[f"tokens_{i}"], dtype) for i in range(len(layer_tokens))]
+            tokens = [jnp.asarray(_restore(data[f"tokens_{i}"], dtype)) for i in range(len(layer_tokens))]
             valid = {int(L): data[f"valid_{L}"] for L in sorted(set(layer_tokens))}
         except FileNotFoundError:
             raise ConfigError(f"{path}: bank file not found; make one with --save-bank") from None

@@ -134,13 +134,20 @@ def random_params(expected: dict, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
+def component_dtype(config: PipelineConfig, name: str, dtype):
+    """SD/SDXL VAEs overflow in float16 (`force_upcast` in their configs): they always run in float32."""
+    if name == "vae" and config.vae.force_upcast:
+        return jnp.float32
+    return dtype
+
+
 def _random_models(config: PipelineConfig, seed: int, dtype) -> dict[str, nnx.Module]:
     models = {}
     for i, name in enumerate(config.components):
-        cls, cfg = _BUILDERS[name], config.component_config(name)
-        build = lambda cls=cls, cfg=cfg: cls(cfg, dtype=dtype, rngs=nnx.Rngs(0))  # noqa: E731
+        cls, cfg, dt = _BUILDERS[name], config.component_config(name), component_dtype(config, name, dtype)
+        build = lambda cls=cls, cfg=cfg, dt=dt: cls(cfg, dtype=dt, rngs=nnx.Rngs(0))  # noqa: E731
         params = random_params(abstract_params(build), seed * 7919 + i)
-        models[name] = build_with_params(build, params, dtype=dtype, what=name)
+        models[name] = build_with_params(build, params, dtype=dt, what=name)
     return models
 
 
@@ -176,9 +183,9 @@ def load_components(source: str, *, dtype=jnp.float32, seed: int = 0) -> Compone
     models = {}
     for name in config.components:
         params = checkpoints.load_params(os.path.join(source, name, "params"))
-        cfg = config.component_config(name)
-        models[name] = build_with_params(lambda: _BUILDERS[name](cfg, dtype=dtype, rngs=nnx.Rngs(0)), params,
-                                         dtype=dtype, what=f"{source}/{name}")
+        cfg, dt = config.component_config(name), component_dtype(config, name, dtype)
+        models[name] = build_with_params(lambda: _BUILDERS[name](cfg, dtype=dt, rngs=nnx.Rngs(0)), params,
+                                         dtype=dt, what=f"{source}/{name}")
     tok = clip_text.load_tokenizer(os.path.join(source, "tokenizer"))
     tok2 = clip_text.load_tokenizer(os.path.join(source, "tokenizer_2")) if config.text_encoder_2 else None
     return Components(config, models["unet"], models["vae"], models["text_encoder"], models.get("text_encoder_2"),

@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..models.clip_text import tokenize
 from ..models.unet import FreeU
 from ..schedulers import make_sampler
-from ..sharding import data_mesh, put_batch, put_replicated
+from ..sharding import data_mesh, host_memory, put_batch, put_replicated, replicated
 from ..story import Story, apply_style, parse_story, typeset
 from .bank import CharacterBank
 from .components import Components, load_components
@@ -53,6 +53,7 @@ class StoryOptions:
     freeu: bool = True
     read_batch: int = 4
     font: str | None = None
+    bank_offload: bool = False           # keep banks in host memory, stream each step's slice to the device
 
     def csa(self) -> csa.CSASettings:
         return csa.CSASettings(sa32=self.sa32, sa64=self.sa64)
@@ -164,12 +165,16 @@ class StoryPipeline:
 
         return jax.jit(run)
 
-    def _read_program(self, sampler, layer_tokens, freeu):
+    def _read_program(self, sampler, layer_tokens, freeu, offload=False):
+        on_device = replicated(self.mesh)
+
         def run(unet_state, x, ctx, pooled, time_ids, guidance, bank, valid, panel_chars, flips):
             unet = nnx.merge(self._unet_graph, unet_state)
 
             def step(x, xs):
                 i, bank_t, valid_t, flip_t = xs
+                if offload:  # this step's slice of a host-memory bank, copied in as the loop reaches it
+                    bank_t = jax.device_put(bank_t, on_device)
                 hook = csa.ReadHook(layer_tokens, bank_t, valid_t, panel_chars, flip_t)
                 eps = self._unet_eps(unet, sampler, i, x, ctx, pooled, time_ids, guidance, freeu, hook)
                 _tick(i)
@@ -325,6 +330,8 @@ class StoryPipeline:
             new_bank = CharacterBank.from_runs(
                 {name: story.characters[name].description for name in chars}, banks, valids,
                 self._bank_meta(o), layer_tokens, self._csa_widths(), self.components.dtype)
+            if o.bank_offload:
+                new_bank = new_bank.placed(host_memory(self.mesh))
             full_bank = new_bank if bank is None else bank.merged(new_bank)
             if bank is not None:
                 bank.check_compatible(self._bank_meta(o))
@@ -364,9 +371,9 @@ class StoryPipeline:
         names = list(bank.characters)
         flips_all = csa.draw_read_flips(o.seed, len(story.panels), o.steps, len(layer_tokens), o.csa())
         batch = -(-max(1, o.read_batch) // self.n_devices) * self.n_devices
-        read = self._program(("read", sampler, tuple(layer_tokens), freeu),
-                             lambda: self._read_program(sampler, layer_tokens, freeu))
-        tokens, valid = bank.device_arrays()
+        read = self._program(("read", sampler, tuple(layer_tokens), freeu, o.bank_offload),
+                             lambda: self._read_program(sampler, layer_tokens, freeu, o.bank_offload))
+        tokens, valid = bank.placed(host_memory(self.mesh) if o.bank_offload else replicated(self.mesh)).device_arrays()
         _Progress.bar = _bar(progress, o.steps * -(-len(todo) // batch), "read")
         for start in range(0, len(todo), batch):
             chunk = todo[start:start + batch]
