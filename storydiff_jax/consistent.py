@@ -133,7 +133,9 @@ class _LayerCounter:
         self.layer_tokens = layer_tokens
         self.next = 0
 
-    def take(self, tokens: int) -> int:
+    def take(self, rows: int, tokens: int) -> int:
+        if rows % 2:
+            raise ValueError(f"CSA expects classifier-free-guidance batches [uncond..., cond...], got {rows} rows")
         layer = self.next
         if layer >= len(self.layer_tokens) or self.layer_tokens[layer] != tokens:
             raise RuntimeError(f"CSA layer {layer}: got {tokens} tokens, expected layout {self.layer_tokens}")
@@ -147,14 +149,14 @@ class WriteHook(_LayerCounter):
     selection / index: {L: this step's [n*L] bool selection and [K_L] bank positions}; flips: [n_layers].
     """
 
-    def __init__(self, layer_tokens, selection, index, flips, *, backend: str = "auto"):
+    def __init__(self, layer_tokens, selection, index, flips):
         super().__init__(layer_tokens)
-        self.selection, self.index, self.flips, self.backend = selection, index, flips, backend
+        self.selection, self.index, self.flips = selection, index, flips
         self.bank: list[jax.Array] = []
 
     def __call__(self, attn: Attention, x: jax.Array) -> jax.Array:
         rows, L, C = x.shape
-        layer = self.take(L)
+        layer = self.take(rows, L)
         n = rows // 2
         # Official layout: each CFG half's n images form one sequence of n*L tokens.
         halves = x.reshape(2, n * L, C)
@@ -180,7 +182,7 @@ class ReadHook(_LayerCounter):
 
     def __call__(self, attn: Attention, x: jax.Array) -> jax.Array:
         rows, L, C = x.shape
-        layer = self.take(L)
+        layer = self.take(rows, L)
         b = rows // 2
         chars, _, k_cap, _ = self.bank[layer].shape
         halves = x.reshape(2, b, L, C)
@@ -221,7 +223,7 @@ class WindowHook(_LayerCounter):
 
     def __call__(self, attn: Attention, x: jax.Array) -> jax.Array:
         rows, L, C = x.shape
-        layer = self.take(L)
+        layer = self.take(rows, L)
         g = rows // 2
         halves = x.reshape(2, g * L, C)
         self.tokens.append(halves)
