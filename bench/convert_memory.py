@@ -16,7 +16,8 @@
    the files in the temporary output folder).
 3. Prints a markdown table; deletes the ~14 GB of files unless --keep.
 
-Needs ~15 GB free under --workdir (default: a new folder in /tmp) and ~12 GB of free memory.
+Needs ~15 GB free under --workdir (default: a new folder in /tmp) and ~14 GiB of available memory
+(checked before starting; see docs/conversion.md for what holds it).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def sgm_layout() -> dict[str, tuple[tuple[int, ...], str, object]]:
     import torch
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_single_file import _build, _originals, _single_file  # the diffusers -> SGM inverse map
+    # the diffusers -> SGM inverse map of the single-file tests
+    from test_single_file import _build, _originals, _single_file
 
     models = _build("sdxl", device="meta")              # convert/configs/sdxl, no memory
     ckpt = _single_file("sdxl", models, _originals(models))
@@ -139,25 +141,41 @@ def _phase(dst: Path, components: list[str]) -> str:
 
 def run_measured(cmd: list[str], dst: Path, components: list[str], interval: float = 0.1) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peaks: dict[str, dict[str, int]] = {}
     overall: dict[str, int] = {}
-    while True:
-        done, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if done:
-            break
-        s = _status_kib(proc.pid)
-        phase = _phase(dst, components)
-        for k, v in s.items():
-            overall[k] = max(overall.get(k, 0), v)
-            peaks.setdefault(phase, {})[k] = max(peaks.get(phase, {}).get(k, 0), v)
-        time.sleep(interval)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    out, err = proc.stdout.read(), proc.stderr.read()
-    return {"rc": proc.returncode, "wall_s": wall, "ru_maxrss_kib": usage.ru_maxrss, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "sampled_kib": overall, "phases_kib": peaks, "stdout": out, "stderr": err}
+    # Output goes to files, not pipes: nobody reads a pipe while we poll, and a full pipe would block the child.
+    with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out_f, stderr=err_f, text=True)
+        while True:
+            done, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if done:
+                break
+            s = _status_kib(proc.pid)
+            phase = _phase(dst, components)
+            for k, v in s.items():
+                overall[k] = max(overall.get(k, 0), v)
+                peaks.setdefault(phase, {})[k] = max(peaks.get(phase, {}).get(k, 0), v)
+            time.sleep(interval)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out_f.seek(0)
+        err_f.seek(0)
+        out, err = out_f.read(), err_f.read()
+    return {"rc": proc.returncode, "wall_s": wall, "ru_maxrss_kib": usage.ru_maxrss,
+            "cpu_s": usage.ru_utime + usage.ru_stime, "sampled_kib": overall, "phases_kib": peaks,
+            "stdout": out, "stderr": err}
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _du(path: Path) -> int:
@@ -169,6 +187,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="where to write the ~7 GB source and the output (default: /tmp)")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ap.add_argument("--min-memory-gib", type=float, default=15.0,
+                    help="refuse to start with less MemAvailable than this (default: 15)")
+    ap.add_argument("--force", action="store_true", help="start even with less memory available")
     ap.add_argument("--build-only", metavar="FILE", help=argparse.SUPPRESS)   # the builder subprocess
     args = ap.parse_args(argv)
 
@@ -182,17 +203,32 @@ def main(argv=None) -> int:
     free = shutil.disk_usage(work).free
     need = (7 + 7 * (2 if args.dtype == "float32" else 1) + 1) * GiB
     if free < need:
+        shutil.rmtree(work, ignore_errors=True)
         print(f"error: {work} has {free / GiB:.1f} GiB free, this needs ~{need / GiB:.0f} GiB", file=sys.stderr)
+        return 2
+    avail = _mem_available()
+    if avail is not None and avail < args.min_memory_gib * GiB and not args.force:
+        shutil.rmtree(work, ignore_errors=True)
+        print(f"error: only {avail / GiB:.1f} GiB of memory available; the conversion peaks near 14 GiB (fp16): "
+              f"free some, or pass --force / --min-memory-gib", file=sys.stderr)
         return 2
     src, dst = work / "sdxl-random-fp16.safetensors", work / "sdxl-jax"
     try:
         t0 = time.perf_counter()
-        build = subprocess.run([sys.executable, __file__, "--build-only", str(src)], check=True, capture_output=True,
-                               text=True, cwd=ROOT)
-        stats = json.loads(build.stdout.strip().splitlines()[-1])
+        builder = subprocess.Popen([sys.executable, __file__, "--build-only", str(src)], cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = builder.communicate()     # reads both pipes, then reaps the child: its rusage is ours below
+        if builder.returncode != 0:
+            print(err, file=sys.stderr)
+            print(f"error: building the fixture failed (exit code {builder.returncode})", file=sys.stderr)
+            return 1
+        stats = json.loads(out.strip().splitlines()[-1])
         build_s = time.perf_counter() - t0
+        import resource
+        build_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20   # only child so far
         print(f"built {src} ({stats['bytes'] / 1e9:.2f} GB, {stats['tensors']} tensors, "
-              f"{stats['params'] / 1e9:.3f} B params, {stats['arch']}) in {build_s:.0f} s", flush=True)
+              f"{stats['params'] / 1e9:.3f} B params, {stats['arch']}) in {build_s:.0f} s, "
+              f"builder peak RSS {build_rss:.2f} GiB", flush=True)
 
         cmd = [sys.executable, "-m", "convert", "pipeline", "--src", str(src), "--dst", str(dst),
                "--dtype", args.dtype, "--no-progress"]

@@ -10,7 +10,11 @@ models ship). The architecture is detected from the files.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# Conversion is host work: keep JAX off any accelerator (it would reserve its memory for nothing).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from storydiff_jax.errors import StoryDiffError
 

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import numpy as np
 from flax import nnx
 
-from storydiff_jax.checkpoints import PipelineWriter
+from storydiff_jax.checkpoints import PipelineWriter, release_memory
 from storydiff_jax.errors import CheckpointError, ConfigError
 from storydiff_jax.params import abstract_params
 from storydiff_jax.pipelines.components import _BUILDERS, PipelineConfig, config_from_dicts
@@ -89,6 +89,9 @@ def _diffusers_source(folder: Path) -> Source:
     sched = folder / "scheduler" / "scheduler_config.json"
     dicts["scheduler"] = _read_json(sched) if sched.is_file() else None
     config = config_from_dicts(arch, dicts)
+    for tok in ("tokenizer", "tokenizer_2")[:1 + has_te2]:
+        if not (folder / tok).is_dir():   # found before converting gigabytes, not after
+            raise CheckpointError(f"{folder}: no {tok}/ folder; the pipeline folder is incomplete")
     files = {}
     for name in components:
         stem = "model" if name.startswith("text_encoder") else "diffusion_pytorch_model"
@@ -100,8 +103,6 @@ def _diffusers_source(folder: Path) -> Source:
 
     def tokenizers(writer: PipelineWriter) -> None:
         for tok in ("tokenizer", "tokenizer_2")[:1 + has_te2]:
-            if not (folder / tok).is_dir():
-                raise CheckpointError(f"{folder}: no {tok}/ folder; the pipeline folder is incomplete")
             writer.copy_dir(str(folder / tok), tok)
 
     streams = {name: (lambda p=path: iter_tensors(p)) for name, path in files.items()}
@@ -157,8 +158,8 @@ def convert_pipeline(src: str, dst: str, *, dtype: str = "float32", overwrite: b
     total = sum(source.counts.values())
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="tensor", desc="convert", disable=not progress)
-    with PipelineWriter(dst, overwrite=overwrite) as writer:
+    with tqdm(total=total, unit="tensor", desc="convert", disable=not progress) as bar, \
+            PipelineWriter(dst, overwrite=overwrite) as writer:
         for name in config.components:
             cfg = config.component_config(name)
             expected = abstract_params(lambda: _BUILDERS[name](cfg, rngs=nnx.Rngs(0)))
@@ -176,9 +177,9 @@ def convert_pipeline(src: str, dst: str, *, dtype: str = "float32", overwrite: b
             writer.write_params(name, params)
             writer.write_json(f"{name}/config.json", cfg.to_dict())
             del params
+            release_memory()
         writer.write_json("scheduler/scheduler_config.json", config.scheduler.to_dict())
         source.write_tokenizers(writer)
-        bar.close()
         out = writer.commit({**config.to_index(), "dtype": dtype, "source": os.path.abspath(src)})
     log(f"converted {source.description} -> {out} ({dtype}); peak memory {peak_rss_gib():.2f} GiB")
     return out

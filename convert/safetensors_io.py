@@ -23,9 +23,10 @@ def weights_file(folder: str, stem: str) -> str:
 
 
 def _to_numpy(tensor) -> np.ndarray:
-    import torch  # bf16 has no numpy dtype: widen it to float32 one tensor at a time.
+    """bf16 / fp8 have no numpy dtype: widen them to float32 (exact), one tensor at a time."""
+    import torch
 
-    if tensor.dtype == torch.bfloat16:
+    if tensor.is_floating_point() and tensor.dtype not in (torch.float16, torch.float32, torch.float64):
         tensor = tensor.float()
     return tensor.numpy()
 

@@ -51,11 +51,38 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 def save_params(path: str, flat: Mapping[str, np.ndarray]) -> None:
-    import orbax.checkpoint as ocp
+    """Save synchronously, without orbax's defensive copy of every host array.
 
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(path), _nest(flat))
-    checkpointer.wait_until_finished()
+    The caller does not touch `flat` until the save returns, so the copy (one more full U-Net in
+    memory) buys nothing; dropping it takes a full SDXL conversion from 13.8 to 10.2 GiB peak
+    (docs/conversion.md). Freed memory is handed back to the OS afterwards.
+    """
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import type_handlers
+
+    import jax
+
+    registry = type_handlers.create_type_handler_registry(
+        (jax.Array, type_handlers.ArrayHandler()),
+        (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+    try:
+        checkpointer.save(os.path.abspath(path), args=ocp.args.PyTreeSave(_nest(flat)))
+    finally:
+        checkpointer.close()
+    release_memory()
+
+
+def release_memory() -> None:
+    """Collect garbage and return freed heap pages to the OS (glibc keeps them otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def load_params(path: str) -> dict[str, np.ndarray]:
@@ -79,6 +106,8 @@ class PipelineWriter:
 
     def __init__(self, dst: str, *, overwrite: bool = False):
         self.dst = os.path.abspath(dst)
+        if os.path.exists(self.dst) and not os.path.isdir(self.dst):
+            raise CheckpointError(f"{dst} exists and is not a folder; choose another --dst")
         if os.path.exists(self.dst) and not overwrite:
             raise CheckpointError(f"{dst} already exists; choose another --dst or pass --overwrite")
         parent = os.path.dirname(self.dst)
