@@ -1,9 +1,9 @@
 """Consistent Self-Attention parity: our hooks vs an independent PyTorch re-statement (diffusers processor).
 
-The PyTorch side (`StoryCSAProcessor` below) re-states the official StoryDiffusion attention processor
-from its description (docs: ../shared/REFERENCE.md, "Official StoryDiffusion behaviour"), as a
-diffusers attention processor set on the up blocks' attn1 only (every other attention keeps
-`AttnProcessor`):
+The PyTorch side (`StoryCSAProcessor`, in tests/reference_csa.py) re-states the official
+StoryDiffusion attention processor from its description (docs: ../shared/REFERENCE.md, "Official
+StoryDiffusion behaviour"), as a diffusers attention processor set on the up blocks' attn1 only
+(every other attention keeps `AttnProcessor`):
 
 * write (id images of one character, batch [uncond x n, cond x n]): every up-block attn1 call stores
   the selected tokens of its input (after norm1) per CFG half, `hidden.view(2, n*L, C)[:, selection]`,
@@ -31,7 +31,6 @@ import jax
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from flax import nnx
 
 from convert.unet import convert_unet
@@ -40,7 +39,7 @@ from storydiff_jax.models.unet import PRESETS, UNet2DConditionModel, UNetConfig
 from storydiff_jax.params import build_with_params
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
+from reference_csa import CSAState, install_csa  # tests/ is on sys.path under pytest
 
 TOL = 1e-4          # torch parity
 TOL_JAX = 1e-5      # JAX-only equivalences
@@ -50,89 +49,6 @@ STEPS = 3
 SEED = 7
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 SETTINGS = csa.CSASettings(p_early=0.5, plain_steps=1)   # step 0 plain, later steps mixed flips
-
-
-# --------------------------------------------------------------------------- PyTorch re-statement
-
-class _CSAState:
-    """What the processors share: phase, step and the pre-drawn randomness (numpy)."""
-
-    def __init__(self):
-        self.mode = None        # "write" | "read"
-        self.step = 0
-        self.selection = None   # write: {L: [steps, n*L] bool}
-        self.flips = None       # write: [steps, n_layers]; read: [B, steps, n_layers]
-        self.bank = None        # write output: {layer: [2, n_sel, C]}
-        self.banks = None       # read input: per character, per step, {layer: [2, n_sel, C]}
-        self.panel_chars = None  # read: per panel, the list of character indices it names
-        self.calls = []
-
-
-def _attention(attn, queries, kv, mask=None):
-    """Scaled dot-product attention of diffusers' Attention `attn`: queries [B, Lq, C], kv [B, Lk, C]."""
-    b = queries.shape[0]
-    heads = attn.heads
-    q, k, v = attn.to_q(queries), attn.to_k(kv), attn.to_v(kv)
-    d = q.shape[-1] // heads
-    q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    out = out.transpose(1, 2).reshape(b, -1, heads * d)
-    return attn.to_out[1](attn.to_out[0](out))
-
-
-class StoryCSAProcessor:
-    """StoryDiffusion's spatial attention processor, for one up-block attn1 layer (index `layer`)."""
-
-    def __init__(self, state: _CSAState, layer: int):
-        self.state, self.layer = state, layer
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
-        assert encoder_hidden_states is None and attention_mask is None and hidden_states.ndim == 3
-        assert attn.spatial_norm is None and attn.group_norm is None
-        assert not attn.residual_connection and attn.rescale_output_factor == 1.0
-        s, layer, t = self.state, self.layer, self.state.step
-        s.calls.append(layer)
-        rows, L, C = hidden_states.shape
-        if s.mode == "write":
-            n = rows // 2
-            halves = hidden_states.reshape(2, n * L, C)          # [uncond images | cond images]
-            sel = torch.from_numpy(s.selection[L][t])             # [n*L] bool, shared by both halves
-            s.bank[layer] = halves[:, sel].clone()                # stored at every step
-            if not s.flips[t, layer]:
-                return _attention(attn, hidden_states, hidden_states)
-            image = torch.arange(n * L) // L
-            mask = (image[:, None] == image[None, :]) | sel[None, :]   # query token x key token
-            return _attention(attn, halves, halves, mask).reshape(rows, L, -1)
-        assert s.mode == "read"
-        b = rows // 2
-        out = []
-        for h in range(2):
-            for p in range(b):
-                x = hidden_states[h * b + p]
-                kv = [x]
-                if s.flips[p, t, layer]:
-                    kv += [s.banks[c][t][layer][h] for c in s.panel_chars[p]]
-                out.append(_attention(attn, x[None], torch.cat(kv)[None])[0])
-        return torch.stack(out)
-
-
-def _csa_processor_names(unet):
-    """The up blocks' attn1 processors in call order (up block, attention, transformer block)."""
-    def key(name):
-        parts = name.split(".")
-        return int(parts[1]), int(parts[3]), int(parts[5])
-    names = [n for n in unet.attn_processors if n.startswith("up_blocks.") and n.endswith(".attn1.processor")]
-    return sorted(names, key=key)
-
-
-def _install(unet, state):
-    names = _csa_processor_names(unet)
-    procs = {n: AttnProcessor() for n in unet.attn_processors}
-    for layer, name in enumerate(names):
-        procs[name] = StoryCSAProcessor(state, layer)
-    unet.set_attn_processor(procs)
-    return names
 
 
 # --------------------------------------------------------------------------- models and jitted calls
@@ -249,8 +165,8 @@ def test_write_read_match_torch_restatement(models):
         for L in set(m.layers):
             assert s.selection[L].any() and not s.selection[L].all()
 
-    state = _CSAState()
-    names = _install(m.ref, state)
+    state = CSAState()
+    names = install_csa(m.ref, state)
     assert len(names) == n_layers
     worst = {"write": 0.0, "bank": 0.0, "read": 0.0}
 
@@ -299,7 +215,7 @@ def test_write_read_match_torch_restatement(models):
         err, scale = _err(_nhwc_to_nchw(out), ref)
         worst["read"] = max(worst["read"], err / scale)
         assert err <= TOL * scale, f"read step {t}: max abs error {err:.2e} (ref scale {scale:.2f})"
-    print(f"\nCSA parity, worst max-abs-error / max(1, max|ref|): "
+    print("\nCSA parity, worst max-abs-error / max(1, max|ref|): "
           + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
 
 

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Every benchmark of bench/ on a GPU machine; results are appended to docs/*.md.
+#
+#   bash bench/run_gpu.sh            # all of them (story, parity, convert)
+#   bash bench/run_gpu.sh story      # one of: story | story-bank | story-window | story-torch | story-scaling
+#                                    #         | parity | convert
+#
+# `story` runs the three story modes and the window scaling, then writes the table. The story-* steps run
+# one part each (handy under a per-command time limit) and keep their result in out/bench/story/; a
+# following `story` reuses them (same settings) instead of running them again.
+#
+# Needs a GPU build of JAX (jax[cuda12]) and of PyTorch in $PYTHON's environment (default .venv/bin/python).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+export XLA_PYTHON_CLIENT_PREALLOCATE=false   # bench/story.py measures peaks; the other scripts share the GPU with torch
+
+STORY_ARGS=(--preset sdxl --height 768 --width 768 --steps 35 --panels 8 --id-length 4 --characters 1
+            --window 4 --results out/bench/story --reuse)
+
+story()         { "$PY" bench/story.py "${STORY_ARGS[@]}" --window-scaling --out docs/bench_story.md; }
+story_part()    { "$PY" bench/story.py "${STORY_ARGS[@]}" --modes "$1"; }
+story_scaling() { "$PY" bench/story.py "${STORY_ARGS[@]}" --modes "" --window-scaling; }
+parity()        { "$PY" bench/parity_full.py --out docs/parity.md; }
+convert() {
+  {
+    echo
+    echo "## convert memory ($(date '+%Y-%m-%d %H:%M'), $(hostname))"
+    echo
+    echo "Command: \`python bench/convert_memory.py --dtype float16\`"
+    echo
+    "$PY" bench/convert_memory.py --dtype float16
+  } | tee -a docs/bench_convert_memory.md
+}
+
+case "${1:-all}" in
+  story) story ;;
+  story-bank) story_part bank ;;
+  story-window) story_part window ;;
+  story-torch) story_part torch ;;
+  story-scaling) story_scaling ;;
+  parity) parity ;;
+  convert) convert ;;
+  all) story; parity; convert ;;
+  *) echo "usage: bash bench/run_gpu.sh [all|story|story-bank|story-window|story-torch|story-scaling|parity|convert]" >&2
+     exit 2 ;;
+esac
