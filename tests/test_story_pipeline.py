@@ -82,3 +82,12 @@ def test_window_mode_runs_and_is_deterministic(pipe):
 def test_size_must_be_multiple_of_32(pipe):
     with pytest.raises(ConfigError, match="multiple of 32"):
         pipe(STORY, opts(height=70), progress=False)
+
+
+def test_sd15_story_with_odd_latent_sides():
+    """SD1.5 topology (CSA at three up-block resolutions); 96 px -> latent 12 -> 6 -> 3 -> 2 and back."""
+    sd15 = StoryPipeline.from_pretrained("tiny-sd15")
+    result = sd15(STORY, opts(height=96, width=96, steps=2), progress=False)
+    assert len(result.panels) == 7 and all(p.size == (96, 96) for p in result.panels)
+    assert result.info["layer_tokens"] == [9, 9, 36, 36, 144, 144]
+    assert len({np.asarray(p).tobytes() for p in result.panels}) > 1

@@ -205,7 +205,6 @@ class StoryPipeline:
             # x: [G_n, group, ...]; ctx: [G_n, 2*group, ...]; chars: [G_n, group, n_chars] bool
             unet = nnx.merge(self._unet_graph, unet_state)
             n_groups = x.shape[0]
-            c = ctx.shape[-1]
 
             def related(a, b):
                 return jnp.any(a[:, None, :] & b[None, :, :], axis=-1)
@@ -230,7 +229,6 @@ class StoryPipeline:
                 _tick(i)
                 return new_x, None
 
-            del c
             x, _ = jax.lax.scan(step, x * sampler.init_noise_sigma, jnp.arange(sampler.num_steps))
             return x
 
@@ -256,15 +254,12 @@ class StoryPipeline:
 
     # ------------------------------------------------------------------ the call
     def check_size(self, height: int, width: int) -> None:
-        stride = self.config.latent_stride
+        """Sides must be multiples of 32 (the VAE's 8 x the SDXL U-Net's 4). SD1.5's U-Net halves once
+        more; odd latent sides there are handled like diffusers does (upsampling to the skip's size)."""
         for name, v in (("height", height), ("width", width)):
             if v <= 0 or v % 32:
                 raise ConfigError(f"{name} {v} is not a positive multiple of 32; use e.g. "
                                   f"{max(32, round(v / 32) * 32)}")
-        if height % stride or width % stride:
-            # SD1.5's U-Net halves the latent three times: odd sizes work (as in diffusers) but
-            # lose a row/column of context; allowed, only said.
-            pass
 
     def __call__(self, story: str | Story, options: StoryOptions = StoryOptions(), *, bank: CharacterBank | None = None,
                  progress: bool = True, log=lambda msg: None) -> StoryResult:
@@ -379,8 +374,7 @@ class StoryPipeline:
             chunk = todo[start:start + batch]
             padded = chunk + [chunk[-1]] * (batch - len(chunk))
             ctx, pooled = rows(padded)
-            # Re-order rows so each device holds matching uncond/cond pairs? Not needed: rows are
-            # independent in read mode; only the batch axis is sharded.
+            # Read rows are independent of each other: only the latents' batch axis needs sharding.
             panel_chars = np.array([[name in story.panels[p].characters for name in names] for p in padded])
             x0 = jnp.broadcast_to(noise0, (batch,) + noise0.shape)
             x = read(self._unet_state, put_batch(x0, self.mesh), ctx, pooled, time_ids, guidance, tokens, valid,
