@@ -68,4 +68,5 @@ def test_unet_matches_diffusers(tmp_path, preset, side, freeu):
                 freeu=FreeU() if freeu else None, **{k: jnp.asarray(v) for k, v in extra.items()})
     out = np.asarray(out).transpose(0, 3, 1, 2)
     err = np.abs(out - ref).max()
+    print(f"\nunet {preset} side {side} freeu {freeu}: max abs err {err:.2e}, ref scale {np.abs(ref).max():.2f}")
     assert err <= TOL * max(1.0, np.abs(ref).max()), f"max abs error {err:.2e} (ref scale {np.abs(ref).max():.2f})"
