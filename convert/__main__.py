@@ -16,7 +16,7 @@ import sys
 # Conversion is host work: keep JAX off any accelerator (it would reserve its memory for nothing).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from storydiff_jax.errors import StoryDiffError
+from storydiff_jax.cli import run_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,19 +48,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
+
+    def work():
         if args.command == "pipeline":
             from .pipeline import convert_pipeline
 
             convert_pipeline(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                              config_dir=args.config, progress=not args.no_progress)
-    except StoryDiffError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_command(work, interrupted="nothing was written")
 
 
 if __name__ == "__main__":

@@ -110,12 +110,12 @@ def run(args: argparse.Namespace, log=print) -> str:
         raise ConfigError(f"cannot read the story file {args.story}: {e.strerror}") from None
     source = args.model or args.preset or "tiny-sdxl"
     tiny = source.startswith("tiny-")
-    if not args.model:
-        log(f"no --model given: using the random-weight preset {source!r} (shapes only, the pictures are noise); "
-            "convert a real checkpoint with `python -m convert pipeline` for real panels")
     bank = CharacterBank.load(args.load_bank) if args.load_bank else None
     # Parse first: a malformed story fails before any model is loaded.
     story = parse_story(text, id_length=args.id_length, known_characters=set(bank.characters) if bank else ())
+    if not args.model:
+        log(f"no --model given: using the random-weight preset {source!r} (shapes only, the pictures are noise); "
+            "convert a real checkpoint with `python -m convert pipeline` for real panels")
     if args.id_length is None and story.id_panels:
         log(f"id_length {story.id_length} (each character's first {story.id_length} solo panels are its id panels)")
     if bank is not None:
@@ -176,17 +176,9 @@ def run(args: argparse.Namespace, log=print) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from storydiff_jax.errors import StoryDiffError
+    from storydiff_jax.cli import run_command
 
-    try:
-        run(args)
-    except StoryDiffError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: no output folder was written", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(lambda: run(args), interrupted="no output folder was written")
 
 
 if __name__ == "__main__":
