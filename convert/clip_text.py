@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import SafetensorError, safe_open
 
+from convert.safetensors_io import iter_tensors, read_json
 from convert.state_dict import convert_tensors, renamed
 from storydiff_jax.errors import CheckpointError
 from storydiff_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
@@ -51,26 +50,7 @@ def safetensors_files(folder_or_file: str | Path) -> list[Path]:
 
 def read_config(folder: str | Path) -> CLIPTextConfig:
     """CLIPTextConfig from the folder's transformers config.json."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{_WHAT}: no config.json in {folder}; pass the text_encoder folder of a diffusers model")
-    try:
-        return CLIPTextConfig.from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download the model") from None
-
-
-def _stream(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, array) pairs, one tensor in memory at a time. safetensors >= 0.6 returns bfloat16 tensors
-    as ml_dtypes arrays, so the file's dtype is kept."""
-    for file in files:
-        try:
-            with safe_open(str(file), framework="np") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
-        except (OSError, SafetensorError) as e:  # truncated or corrupt file
-            raise CheckpointError(f"{_WHAT}: cannot read {file} ({e}); the file is corrupt or incomplete, "
-                                  "re-download it") from None
+    return CLIPTextConfig.from_dict(read_json(Path(folder) / "config.json"))
 
 
 def add_text_model_prefix(key: str, arr: np.ndarray):
@@ -89,7 +69,8 @@ def convert_clip_text(folder_or_file: str | Path, config: CLIPTextConfig, dtype=
     dtype: numpy dtype to store floating parameters in (None keeps the file's dtype).
     Raises CheckpointError naming a key on any missing/unexpected key or shape mismatch.
     """
-    tensors = renamed(_stream(safetensors_files(folder_or_file)), add_text_model_prefix)
+    files = safetensors_files(folder_or_file)
+    tensors = renamed((item for f in files for item in iter_tensors(str(f))), add_text_model_prefix)
     return convert_tensors(tensors, expected_params(config), what=_WHAT, dtype=dtype, ignore=("position_ids",))
 
 

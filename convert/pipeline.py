@@ -7,7 +7,6 @@ memory is therefore about one converted component (the SDXL U-Net) plus one sour
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 from pathlib import Path
@@ -24,7 +23,7 @@ from storydiff_jax.tokenizer_files import write_clip_tokenizer
 
 from . import single_file
 from .clip_text import add_text_model_prefix
-from .safetensors_io import iter_tensors, open_safetensors, weights_file
+from .safetensors_io import iter_tensors, open_safetensors, read_json, weights_file
 from .state_dict import convert_tensors, renamed
 from .vae import rename_vae_key
 
@@ -46,15 +45,6 @@ def numpy_dtype(name: str):
 
         return ml_dtypes.bfloat16
     return DTYPES[name]
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing; is {path.parent.parent} a complete diffusers folder?") from None
-    except ValueError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it") from None
 
 
 def _detect_diffusers_arch(unet_config: dict, has_text_encoder_2: bool) -> str:
@@ -81,13 +71,13 @@ def _diffusers_source(folder: Path) -> Source:
         raise CheckpointError(f"{folder}: no model_index.json; pass a diffusers pipeline folder or a single "
                               ".safetensors checkpoint")
     has_te2 = (folder / "text_encoder_2").is_dir()
-    dicts = {"unet": _read_json(folder / "unet" / "config.json")}
+    dicts = {"unet": read_json(folder / "unet" / "config.json")}
     arch = _detect_diffusers_arch(dicts["unet"], has_te2)
     components = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if has_te2 else ())
     for name in components[1:]:
-        dicts[name] = _read_json(folder / name / "config.json")
+        dicts[name] = read_json(folder / name / "config.json")
     sched = folder / "scheduler" / "scheduler_config.json"
-    dicts["scheduler"] = _read_json(sched) if sched.is_file() else None
+    dicts["scheduler"] = read_json(sched) if sched.is_file() else None
     config = config_from_dicts(arch, dicts)
     for tok in ("tokenizer", "tokenizer_2")[:1 + has_te2]:
         if not (folder / tok).is_dir():   # found before converting gigabytes, not after
@@ -113,9 +103,9 @@ def _single_file_source(path: Path, config_dir: Path | None) -> Source:
     keys, shapes = single_file.read_keys_and_shapes(path)
     arch = single_file.detect_architecture(keys, shapes)
     if config_dir is not None:
-        dicts = {name: _read_json(config_dir / name / "config.json") for name in single_file.COMPONENTS[arch]}
+        dicts = {name: read_json(config_dir / name / "config.json") for name in single_file.COMPONENTS[arch]}
         sched = config_dir / "scheduler" / "scheduler_config.json"
-        dicts["scheduler"] = _read_json(sched) if sched.is_file() else single_file.load_configs(arch)["scheduler"]
+        dicts["scheduler"] = read_json(sched) if sched.is_file() else single_file.load_configs(arch)["scheduler"]
     else:
         dicts = single_file.load_configs(arch)
     config = config_from_dicts(arch, dicts)

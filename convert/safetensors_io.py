@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -54,3 +56,14 @@ def iter_tensors(path: str, keys=None) -> Iterator[tuple[str, np.ndarray]]:
                 raise CheckpointError(f"{path}: tensor {key} cannot be read ({str(e).splitlines()[0]}); "
                                       "the file is truncated or corrupt: download it again") from None
             yield key, _to_numpy(tensor)
+
+
+def read_json(path: str | Path) -> dict:
+    """A checkpoint's JSON config, with missing/corrupt files turned into a CheckpointError."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; is {path.parent.parent} a complete diffusers folder?") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it") from None

@@ -7,7 +7,6 @@ plus one tensor.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Iterator
@@ -16,9 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert.safetensors_io import iter_tensors, weights_file
+from convert.safetensors_io import iter_tensors, read_json, weights_file
 from convert.state_dict import convert_tensors, renamed
-from storydiff_jax.errors import CheckpointError
 from storydiff_jax.models.vae import AutoencoderKL, VAEConfig
 from storydiff_jax.params import abstract_params, build_with_params
 
@@ -39,13 +37,7 @@ def rename_vae_key(key: str, arr) -> Iterator[tuple[str, object]]:
 
 def read_config(folder: str | Path) -> VAEConfig:
     """The VAEConfig of a diffusers VAE folder's config.json."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"no config.json in {folder}; pass the VAE folder of a diffusers model")
-    try:
-        return VAEConfig.from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download the model") from e
+    return VAEConfig.from_dict(read_json(Path(folder) / "config.json"))
 
 
 def expected_params(config: VAEConfig) -> dict:
