@@ -6,13 +6,18 @@ micro-conditioning numbers). FreeU (Si et al., 2023) is a call-time option, as i
 
 The up blocks' self-attention layers accept a hook (`self_attention`): Consistent Self-Attention
 plugs in there; everything else in the network stays a plain forward pass.
+
+Two optional extensions make the same network the spatial part of a video U-Net (models.video_unet):
+`motion_module` inserts a temporal module after every (resnet, transformer) pair, in the places
+AnimateDiff puts them (diffusers' `UNetMotionModel` keeps the same names: `*.motion_modules.N`), and
+`ip_adapter=True` gives every cross-attention layer IP-Adapter's image-token branch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +27,10 @@ from ..errors import ConfigError
 from ..nn.embeddings import TimestepEmbedding, sinusoidal_embedding
 from ..nn.norms import GroupNorm
 from ..nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv
-from ..nn.transformer import SelfAttentionHook, Transformer2D
+from ..nn.transformer import ImageContext, SelfAttentionHook, Transformer2D
+
+# Builds one temporal (motion) module for a given channel width; video U-Nets pass one (models.motion).
+MotionFactory = Callable[[int], nnx.Module]
 
 _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -195,7 +203,7 @@ class DownBlock(nnx.Module):
     """`layers_per_block` resnets (each followed by a transformer when `attention`), then a downsample."""
 
     def __init__(self, cfg: UNetConfig, level: int, in_ch: int, out_ch: int, *, attention: bool, last: bool,
-                 dtype, rngs: nnx.Rngs):
+                 dtype, rngs: nnx.Rngs, motion_module: MotionFactory | None = None, ip_adapter: bool = False):
         self.resnets = nnx.List([
             ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, temb_channels=cfg.time_embed_dim,
                           groups=cfg.norm_num_groups, eps=cfg.norm_eps, dtype=dtype, rngs=rngs)
@@ -203,16 +211,20 @@ class DownBlock(nnx.Module):
         self.attentions = nnx.List([
             Transformer2D(out_ch, cfg.num_attention_heads[level], cfg.transformer_layers_per_block[level],
                           cfg.cross_attention_dim, use_linear_projection=cfg.use_linear_projection,
-                          groups=cfg.norm_num_groups, dtype=dtype, rngs=rngs)
+                          groups=cfg.norm_num_groups, ip_adapter=ip_adapter, dtype=dtype, rngs=rngs)
             for _ in range(cfg.layers_per_block)]) if attention else None
+        self.motion_modules = (nnx.List([motion_module(out_ch) for _ in range(cfg.layers_per_block)])
+                               if motion_module else None)
         self.downsamplers = None if last else nnx.List([Downsample2D(out_ch, dtype=dtype, rngs=rngs)])
 
-    def __call__(self, x, temb, context):
+    def __call__(self, x, temb, context, image=None, num_frames=None):
         skips = []
         for j, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions is not None:
-                x = self.attentions[j](x, context)
+                x = self.attentions[j](x, context, image=image)
+            if self.motion_modules is not None:
+                x = self.motion_modules[j](x, num_frames)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -223,7 +235,8 @@ class DownBlock(nnx.Module):
 class MidBlock(nnx.Module):
     """resnet -> transformer -> resnet at the lowest resolution."""
 
-    def __init__(self, cfg: UNetConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: UNetConfig, *, dtype, rngs: nnx.Rngs, motion_module: MotionFactory | None = None,
+                 ip_adapter: bool = False):
         ch = cfg.block_out_channels[-1]
         self.resnets = nnx.List([
             ResnetBlock2D(ch, ch, temb_channels=cfg.time_embed_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
@@ -231,11 +244,15 @@ class MidBlock(nnx.Module):
         self.attentions = nnx.List([
             Transformer2D(ch, cfg.num_attention_heads[-1], cfg.transformer_layers_per_block[-1],
                           cfg.cross_attention_dim, use_linear_projection=cfg.use_linear_projection,
-                          groups=cfg.norm_num_groups, dtype=dtype, rngs=rngs)])
+                          groups=cfg.norm_num_groups, ip_adapter=ip_adapter, dtype=dtype, rngs=rngs)])
+        # AnimateDiff v2's mid block: resnet -> transformer -> motion module -> resnet.
+        self.motion_modules = nnx.List([motion_module(ch)]) if motion_module else None
 
-    def __call__(self, x, temb, context):
+    def __call__(self, x, temb, context, image=None, num_frames=None):
         x = self.resnets[0](x, temb)
-        x = self.attentions[0](x, context)
+        x = self.attentions[0](x, context, image=image)
+        if self.motion_modules is not None:
+            x = self.motion_modules[0](x, num_frames)
         return self.resnets[1](x, temb)
 
 
@@ -243,7 +260,8 @@ class UpBlock(nnx.Module):
     """`layers_per_block + 1` resnets over [x, skip] concatenations (+ transformers), then upsample."""
 
     def __init__(self, cfg: UNetConfig, index: int, prev_ch: int, out_ch: int, skip_in_ch: int, *,
-                 attention: bool, last: bool, dtype, rngs: nnx.Rngs):
+                 attention: bool, last: bool, dtype, rngs: nnx.Rngs, motion_module: MotionFactory | None = None,
+                 ip_adapter: bool = False):
         level = len(cfg.block_out_channels) - 1 - index
         n = cfg.layers_per_block + 1
         self.index = index
@@ -255,12 +273,13 @@ class UpBlock(nnx.Module):
         self.attentions = nnx.List([
             Transformer2D(out_ch, cfg.num_attention_heads[level], cfg.transformer_layers_per_block[level],
                           cfg.cross_attention_dim, use_linear_projection=cfg.use_linear_projection,
-                          groups=cfg.norm_num_groups, dtype=dtype, rngs=rngs)
+                          groups=cfg.norm_num_groups, ip_adapter=ip_adapter, dtype=dtype, rngs=rngs)
             for _ in range(n)]) if attention else None
+        self.motion_modules = nnx.List([motion_module(out_ch) for _ in range(n)]) if motion_module else None
         self.upsamplers = None if last else nnx.List([Upsample2D(out_ch, dtype=dtype, rngs=rngs)])
 
     def __call__(self, x, skips, temb, context, *, freeu: FreeU | None, upsample_size,
-                 self_attention: SelfAttentionHook | None):
+                 self_attention: SelfAttentionHook | None, image=None, num_frames=None):
         for j, resnet in enumerate(self.resnets):
             skip = skips.pop()
             if freeu is not None and self.index in (0, 1):
@@ -271,15 +290,19 @@ class UpBlock(nnx.Module):
                 skip = _fourier_filter(skip, s)
             x = resnet(jnp.concatenate([x, skip], axis=-1), temb)
             if self.attentions is not None:
-                x = self.attentions[j](x, context, self_attention)
+                x = self.attentions[j](x, context, self_attention, image)
+            if self.motion_modules is not None:
+                x = self.motion_modules[j](x, num_frames)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x
 
 
 class UNet2DConditionModel(nnx.Module):
-    def __init__(self, config: UNetConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: UNetConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
+                 motion_module: MotionFactory | None = None, ip_adapter: bool = False):
         cfg = self.config = config
+        extensions = {"motion_module": motion_module, "ip_adapter": ip_adapter}
         ch = cfg.block_out_channels
         self.dtype = dtype
         self.conv_in = conv(cfg.in_channels, ch[0], dtype=dtype, rngs=rngs)
@@ -289,28 +312,32 @@ class UNet2DConditionModel(nnx.Module):
         downs = []
         for i, kind in enumerate(cfg.down_block_types):
             downs.append(DownBlock(cfg, i, ch[max(i - 1, 0)], ch[i], attention=kind.startswith("CrossAttn"),
-                                   last=i == len(ch) - 1, dtype=dtype, rngs=rngs))
+                                   last=i == len(ch) - 1, dtype=dtype, rngs=rngs, **extensions))
         self.down_blocks = nnx.List(downs)
-        self.mid_block = MidBlock(cfg, dtype=dtype, rngs=rngs)
+        self.mid_block = MidBlock(cfg, dtype=dtype, rngs=rngs, **extensions)
         rev = list(reversed(ch))
         ups = []
         for i, kind in enumerate(cfg.up_block_types):
             prev_ch = rev[max(i - 1, 0)]
             skip_in_ch = rev[min(i + 1, len(ch) - 1)]
             ups.append(UpBlock(cfg, i, prev_ch, rev[i], skip_in_ch, attention=kind.startswith("CrossAttn"),
-                               last=i == len(ch) - 1, dtype=dtype, rngs=rngs))
+                               last=i == len(ch) - 1, dtype=dtype, rngs=rngs, **extensions))
         self.up_blocks = nnx.List(ups)
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps, dtype=dtype)
         self.conv_out = conv(ch[0], cfg.out_channels, dtype=dtype, rngs=rngs)
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array, *,
                  text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None,
-                 freeu: FreeU | None = None, self_attention: SelfAttentionHook | None = None) -> jax.Array:
+                 freeu: FreeU | None = None, self_attention: SelfAttentionHook | None = None,
+                 image: ImageContext | None = None, num_frames: int | None = None) -> jax.Array:
         """Predict noise (or v) for `sample` [B, h, w, C] at `timesteps` [B] (or scalar).
 
         context: text tokens [B, 77, cross_attention_dim]. SDXL also needs `text_embeds` [B, 1280]
         (pooled) and `time_ids` [B, 6] (original h, w, crop top, left, target h, w).
         self_attention: optional hook replacing the up blocks' self-attention (Consistent Self-Attention).
+        image: IP-Adapter image tokens [B, N, C'] (+ scale) for an `ip_adapter=True` network.
+        num_frames: frames per video when built with motion modules (B = videos x frames, frame-major
+        within each video).
         """
         cfg = self.config
         b = sample.shape[0]
@@ -331,9 +358,9 @@ class UNet2DConditionModel(nnx.Module):
         x = self.conv_in(sample.astype(self.dtype))
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = block(x, emb, context)
+            x, block_skips = block(x, emb, context, image, num_frames)
             skips.extend(block_skips)
-        x = self.mid_block(x, emb, context)
+        x = self.mid_block(x, emb, context, image, num_frames)
         for block in self.up_blocks:
             n = len(block.resnets)
             block_skips = skips[-n:]
@@ -341,6 +368,6 @@ class UNet2DConditionModel(nnx.Module):
             # The next block's first skip fixes the upsampled size when sides were odd.
             upsample_size = skips[-1].shape[1:3] if skips else None
             x = block(x, block_skips, emb, context, freeu=freeu, upsample_size=upsample_size,
-                      self_attention=self_attention)
+                      self_attention=self_attention, image=image, num_frames=num_frames)
         x = jax.nn.silu(self.conv_norm_out(x))
         return self.conv_out(x)

@@ -88,3 +88,33 @@ class Attention(nnx.Module):
             own = jnp.ones((x.shape[0], x.shape[1]), bool)
             mask = jnp.concatenate([own, extra_mask.astype(bool)], axis=1)[:, None, None, :]
         return self.attend(x, kv, mask, backend=backend)
+
+
+class DecoupledCrossAttention(Attention):
+    """IP-Adapter's decoupled cross-attention: text attention + `scale` x attention over image tokens.
+
+    The image branch has its own key/value projections (`to_k_ip`, `to_v_ip`, no bias) but shares the
+    query and the output projection: out = to_out(attn(Q, K_text, V_text) + scale * attn(Q, K_ip, V_ip)),
+    two separate softmaxes. With `image_context=None` (or scale 0) it is exactly the plain layer.
+    """
+
+    def __init__(self, query_dim: int, heads: int, dim_head: int, *, cross_attention_dim: int,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(query_dim, heads, dim_head, cross_attention_dim=cross_attention_dim, dtype=dtype, rngs=rngs)
+        inner = heads * dim_head
+        self.to_k_ip = Linear(cross_attention_dim, inner, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.to_v_ip = Linear(cross_attention_dim, inner, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, *, image_context: jax.Array | None = None,
+                 ip_scale=1.0, backend: str = "auto", **_) -> jax.Array:
+        """x [B, L, C]; context: text tokens [B, S, C']; image_context: image tokens [B, N, C']."""
+        if image_context is None:
+            return super().__call__(x, context, backend=backend)
+        q = self.split_heads(self.to_q(x))
+        text = dot_product_attention(q, self.split_heads(self.to_k(context)), self.split_heads(self.to_v(context)),
+                                     backend=backend)
+        image_context = image_context.astype(x.dtype)
+        image = dot_product_attention(q, self.split_heads(self.to_k_ip(image_context)),
+                                      self.split_heads(self.to_v_ip(image_context)), backend=backend)
+        out = text + jnp.asarray(ip_scale, text.dtype) * image
+        return self.to_out[0](out.reshape(*out.shape[:-2], -1))

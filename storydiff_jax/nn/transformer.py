@@ -6,17 +6,25 @@ how Consistent Self-Attention reaches the U-Net's layers without patching them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import Attention
+from .attention import Attention, DecoupledCrossAttention
 from .layers import Conv, Linear
 from .norms import GroupNorm, LayerNorm
 
 SelfAttentionHook = Callable[[Attention, jax.Array], jax.Array]
+
+
+@dataclass(frozen=True)
+class ImageContext:
+    """IP-Adapter image tokens for the decoupled cross-attention layers: tokens [B, N, C'] and their scale."""
+    tokens: jax.Array
+    scale: jax.Array | float = 1.0
 
 
 class GEGLU(nnx.Module):
@@ -45,19 +53,24 @@ class FeedForward(nnx.Module):
 class BasicTransformerBlock(nnx.Module):
     """Pre-norm self-attention, cross-attention and GEGLU feed-forward, each with a residual."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, cross_attention_dim: int, *, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, dim: int, heads: int, dim_head: int, cross_attention_dim: int, *, ip_adapter: bool = False,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
         self.norm1 = LayerNorm(dim, 1e-5, dtype=dtype)
         self.attn1 = Attention(dim, heads, dim_head, dtype=dtype, rngs=rngs)
         self.norm2 = LayerNorm(dim, 1e-5, dtype=dtype)
-        self.attn2 = Attention(dim, heads, dim_head, cross_attention_dim=cross_attention_dim, dtype=dtype, rngs=rngs)
+        cross = DecoupledCrossAttention if ip_adapter else Attention
+        self.attn2 = cross(dim, heads, dim_head, cross_attention_dim=cross_attention_dim, dtype=dtype, rngs=rngs)
         self.norm3 = LayerNorm(dim, 1e-5, dtype=dtype)
         self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, context: jax.Array, self_attention: SelfAttentionHook | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, self_attention: SelfAttentionHook | None = None,
+                 image: ImageContext | None = None) -> jax.Array:
         h = self.norm1(x)
         x = x + (self_attention(self.attn1, h) if self_attention is not None else self.attn1(h))
-        x = x + self.attn2(self.norm2(x), context)
+        if image is not None:
+            x = x + self.attn2(self.norm2(x), context, image_context=image.tokens, ip_scale=image.scale)
+        else:
+            x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
 
@@ -65,7 +78,8 @@ class Transformer2D(nnx.Module):
     """GroupNorm (eps 1e-6) -> proj_in (Linear or 1x1 conv) -> blocks -> proj_out -> + input."""
 
     def __init__(self, channels: int, heads: int, depth: int, cross_attention_dim: int, *,
-                 use_linear_projection: bool, groups: int = 32, dtype=jnp.float32, rngs: nnx.Rngs):
+                 use_linear_projection: bool, groups: int = 32, ip_adapter: bool = False, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         dim_head = channels // heads
         self.use_linear_projection = use_linear_projection
         self.norm = GroupNorm(groups, channels, 1e-6, dtype=dtype)
@@ -76,16 +90,18 @@ class Transformer2D(nnx.Module):
             self.proj_in = Conv(channels, channels, (1, 1), dtype=dtype, param_dtype=dtype, rngs=rngs)
             self.proj_out = Conv(channels, channels, (1, 1), dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.transformer_blocks = nnx.List([
-            BasicTransformerBlock(channels, heads, dim_head, cross_attention_dim, dtype=dtype, rngs=rngs)
+            BasicTransformerBlock(channels, heads, dim_head, cross_attention_dim, ip_adapter=ip_adapter, dtype=dtype,
+                                  rngs=rngs)
             for _ in range(depth)])
 
-    def __call__(self, x: jax.Array, context: jax.Array, self_attention: SelfAttentionHook | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, self_attention: SelfAttentionHook | None = None,
+                 image: ImageContext | None = None) -> jax.Array:
         b, h, w, c = x.shape
         residual = x
         x = self.norm(x)
         # 1x1 conv and Linear are the same map on NHWC; only the parameter shapes differ.
         x = self.proj_in(x).reshape(b, h * w, c)
         for block in self.transformer_blocks:
-            x = block(x, context, self_attention)
+            x = block(x, context, self_attention, image)
         x = self.proj_out(x.reshape(b, h, w, c))
         return x + residual
