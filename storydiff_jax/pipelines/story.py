@@ -29,6 +29,7 @@ from ..sharding import data_mesh, host_memory, put_batch, put_replicated, replic
 from ..story import Story, apply_style, parse_story, typeset
 from .bank import CharacterBank
 from .components import Components, load_components
+from .progress import Progress, tick_from_jit
 
 MODES = ("bank", "window")
 
@@ -66,20 +67,6 @@ class StoryResult:
     story: Story
     bank: CharacterBank | None
     info: dict[str, Any] = field(default_factory=dict)
-
-
-class _Progress:
-    """Progress bars fed from inside jitted loops via jax.debug.callback (one bar at a time)."""
-    bar = None
-
-    @classmethod
-    def tick(cls, *_):
-        if cls.bar is not None:
-            cls.bar.update(1)
-
-
-def _tick(i):
-    jax.debug.callback(_Progress.tick, i)
 
 
 def _to_uint8(images: jax.Array) -> jax.Array:
@@ -157,7 +144,7 @@ class StoryPipeline:
                 i, sel, idx, flip = xs
                 hook = csa.WriteHook(layer_tokens, sel, idx, flip)
                 eps = self._unet_eps(unet, sampler, i, x, ctx, pooled, time_ids, guidance, freeu, hook)
-                _tick(i)
+                tick_from_jit(i)
                 return sampler.step(eps, i, x), tuple(hook.bank)
 
             steps = jnp.arange(sampler.num_steps)
@@ -177,7 +164,7 @@ class StoryPipeline:
                     bank_t = jax.device_put(bank_t, on_device)
                 hook = csa.ReadHook(layer_tokens, bank_t, valid_t, panel_chars, flip_t)
                 eps = self._unet_eps(unet, sampler, i, x, ctx, pooled, time_ids, guidance, freeu, hook)
-                _tick(i)
+                tick_from_jit(i)
                 return sampler.step(eps, i, x), None
 
             steps = jnp.arange(sampler.num_steps)
@@ -226,7 +213,7 @@ class StoryPipeline:
                 zeros = tuple(jnp.zeros((2, group * L, w), self.components.dtype)
                               for L, w in zip(layer_tokens, self._csa_widths()))
                 _, new_x = jax.lax.scan(one_group, (zeros,), jnp.arange(n_groups))
-                _tick(i)
+                tick_from_jit(i)
                 return new_x, None
 
             x, _ = jax.lax.scan(step, x * sampler.init_noise_sigma, jnp.arange(sampler.num_steps))
@@ -312,11 +299,11 @@ class StoryPipeline:
                 panel_ids = story.id_panels[name]
                 ctx, pooled = rows(panel_ids)
                 sched = schedules[ci]
-                _Progress.bar = _bar(progress, o.steps, f"write {name}")
+                Progress.start(progress, o.steps, f"write {name}")
                 x, bank_c = write(self._unet_state, base_noise, ctx, pooled, time_ids, guidance,
                                   sched.selection, sched.index, jnp.asarray(sched.flips))
                 jax.block_until_ready(x)
-                _close()
+                Progress.close()
                 for j, p in enumerate(panel_ids):
                     latents[p] = x[j]
                 banks.append(bank_c)
@@ -343,12 +330,12 @@ class StoryPipeline:
         t0 = time.perf_counter()
         decode = self._program("decode", self._decode_program)
         panels = []
-        _Progress.bar = _bar(progress, n, "decode")
+        Progress.start(progress, n, "decode")
         for p in range(n):
             img = np.asarray(decode(self._vae_state, latents[p][None]))[0]
             panels.append(Image.fromarray(img))
-            _Progress.tick()
-        _close()
+            Progress.tick()
+        Progress.close()
         timings["decode_s"] = time.perf_counter() - t0
         pages = typeset(panels, [p.caption for p in story.panels], o.layout, seed=o.seed, font_path=o.font)
         info = {"timings": timings, "id_length": story.id_length, "layer_tokens": layer_tokens}
@@ -369,7 +356,7 @@ class StoryPipeline:
         read = self._program(("read", sampler, tuple(layer_tokens), freeu, o.bank_offload),
                              lambda: self._read_program(sampler, layer_tokens, freeu, o.bank_offload))
         tokens, valid = bank.placed(host_memory(self.mesh) if o.bank_offload else replicated(self.mesh)).device_arrays()
-        _Progress.bar = _bar(progress, o.steps * -(-len(todo) // batch), "read")
+        Progress.start(progress, o.steps * -(-len(todo) // batch), "read")
         for start in range(0, len(todo), batch):
             chunk = todo[start:start + batch]
             padded = chunk + [chunk[-1]] * (batch - len(chunk))
@@ -382,7 +369,7 @@ class StoryPipeline:
             x = np.asarray(x)
             for j, p in enumerate(chunk):
                 latents[p] = jnp.asarray(x[j])
-        _close()
+        Progress.close()
 
     def _window_phase(self, story, o, latents, rows, sampler, layer_tokens, freeu, noise0, time_ids, guidance, key,
                       progress):
@@ -408,24 +395,10 @@ class StoryPipeline:
         run = self._program(("window", sampler, tuple(layer_tokens), freeu, group, o.height, o.width, o.sa32, o.sa64),
                             lambda: self._window_program(sampler, layer_tokens, freeu, group, (o.height, o.width),
                                                          o.csa()))
-        _Progress.bar = _bar(progress, o.steps, f"window x{group}")
+        Progress.start(progress, o.steps, f"window x{group}")
         x = run(self._unet_state, x0, grouped(ctx), grouped(pooled), time_ids, guidance,
                 jnp.asarray(chars.reshape(n_groups, group, -1)), jax.random.fold_in(key, 0x3D))
         x = np.asarray(x).reshape(n_groups * group, *noise0.shape)
-        _close()
+        Progress.close()
         for p in range(n):
             latents[p] = jnp.asarray(x[p])
-
-
-def _bar(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", leave=True)
-
-
-def _close():
-    if _Progress.bar is not None:
-        _Progress.bar.close()
-    _Progress.bar = None
