@@ -1,6 +1,8 @@
 """`python -m convert`: PyTorch checkpoints -> storydiff-jax converted folders.
 
     python -m convert pipeline --src PATH --dst DIR [--dtype float32|bfloat16|float16]
+    python -m convert video --sd15 PATH --motion-module PATH --image-encoder PATH --ip-adapter PATH
+                            [--smp DIR] --dst DIR [--dtype ...]
 
 PATH is a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/[, text_encoder_2/],
 tokenizer*/) or a single-file SD1.5/SDXL checkpoint (.safetensors with LDM/SGM key names, as civitai
@@ -29,7 +31,10 @@ def _parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  python -m convert pipeline --src ./stable-diffusion-xl-base-1.0 --dst ./sdxl-jax\n"
                "  python -m convert pipeline --src ./juggernautXL.safetensors --dst ./jugg-jax --dtype bfloat16\n"
-               "then: python -m infer.story --model ./sdxl-jax --story examples/lighthouse_keepers.txt --out out/")
+               "  python -m convert video --sd15 ./stable-diffusion-v1-5 --motion-module ./mm_sd_v15_v2.ckpt \\\n"
+               "      --image-encoder ./IP-Adapter/models/image_encoder --ip-adapter ./ip-adapter-plus_sd15.bin --dst ./video-jax\n"
+               "then: python -m infer.story --model ./sdxl-jax --story examples/lighthouse_keepers.txt --out out/\n"
+               "      python -m infer.transition --model ./video-jax --start a.png --end b.png --out walk.mp4")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     pipe = sub.add_parser("pipeline", help="an SD1.5 or SDXL text-to-image model (diffusers folder or single file)",
                           description="Convert an SD1.5 or SDXL model: a diffusers pipeline folder or a single "
@@ -43,6 +48,28 @@ def _parser() -> argparse.ArgumentParser:
                            "shipped SD1.5/SDXL configs (for fine-tunes with another topology)")
     pipe.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     pipe.add_argument("--no-progress", action="store_true", help="no progress bar")
+    video = sub.add_parser(
+        "video", help="a transition-video model: SD1.5 + AnimateDiff v2 + OpenCLIP ViT-H-14 + IP-Adapter-Plus [+ SMP]",
+        description="Convert the parts of a transition-video model into one folder for `python -m infer.transition`.")
+    video.add_argument("--sd15", required=True, metavar="PATH",
+                       help="SD1.5 diffusers folder or single .safetensors file (U-Net, VAE, text encoder)")
+    video.add_argument("--motion-module", required=True, metavar="PATH",
+                       help="AnimateDiff v2 motion modules: mm_sd_v15_v2.ckpt (or .safetensors), or a diffusers "
+                            "MotionAdapter folder")
+    video.add_argument("--image-encoder", required=True, metavar="PATH",
+                       help="OpenCLIP ViT-H-14: an open_clip state dict file, or the HF CLIPVisionModelWithProjection "
+                            "folder (IP-Adapter's models/image_encoder)")
+    video.add_argument("--ip-adapter", required=True, metavar="PATH",
+                       help="IP-Adapter-Plus SD1.5 weights (ip-adapter-plus_sd15.bin or .safetensors)")
+    video.add_argument("--smp", metavar="DIR", help="a trained Semantic Motion Predictor (the smp/ folder written by "
+                       "`python -m train export`); without it the folder works with plain interpolation")
+    video.add_argument("--dst", required=True, help="output folder (must not exist unless --overwrite)")
+    video.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="dtype to store floating parameters in (default: float32)")
+    video.add_argument("--config", default=None, metavar="DIR",
+                       help="single-file --sd15 only: a diffusers-layout folder of config.json files to use")
+    video.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    video.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -55,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
 
             convert_pipeline(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                              config_dir=args.config, progress=not args.no_progress)
+        elif args.command == "video":
+            from .video import convert_video
+
+            convert_video(sd15=args.sd15, motion_module=args.motion_module, image_encoder=args.image_encoder,
+                          ip_adapter=args.ip_adapter, smp=args.smp, dst=args.dst, dtype=args.dtype,
+                          overwrite=args.overwrite, config_dir=args.config, progress=not args.no_progress)
 
     return run_command(work, interrupted="nothing was written")
 

@@ -134,6 +134,21 @@ def open_source(src: str, config_dir: str | None = None) -> Source:
     return _single_file_source(path, Path(config_dir) if config_dir else None)
 
 
+def counted(stream, bar):
+    """Pass a tensor stream through, advancing the progress bar once per tensor."""
+    for item in stream:
+        bar.update(1)
+        yield item
+
+
+def convert_component(source: Source, name: str, expected: dict, *, bar, dtype, what: str) -> dict[str, np.ndarray]:
+    """Stream one component of `source` (U-Net, VAE, text encoder) into a flat parameter dict."""
+    tensors = counted(source.streams[name](), bar)
+    if name in _RENAMES:
+        tensors = renamed(tensors, _RENAMES[name])
+    return convert_tensors(tensors, expected, what=what, dtype=dtype, ignore=_IGNORE.get(name, ()))
+
+
 def peak_rss_gib() -> float:
     """This process's peak resident memory so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -153,17 +168,7 @@ def convert_pipeline(src: str, dst: str, *, dtype: str = "float32", overwrite: b
         for name in config.components:
             cfg = config.component_config(name)
             expected = abstract_params(lambda: _BUILDERS[name](cfg, rngs=nnx.Rngs(0)))
-
-            def counted(stream):
-                for item in stream:
-                    bar.update(1)
-                    yield item
-
-            tensors = counted(source.streams[name]())
-            if name in _RENAMES:
-                tensors = renamed(tensors, _RENAMES[name])
-            params = convert_tensors(tensors, expected, what=f"{name} of {src}", dtype=np_dtype,
-                                     ignore=_IGNORE.get(name, ()))
+            params = convert_component(source, name, expected, bar=bar, dtype=np_dtype, what=f"{name} of {src}")
             writer.write_params(name, params)
             writer.write_json(f"{name}/config.json", cfg.to_dict())
             del params

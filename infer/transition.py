@@ -1,0 +1,237 @@
+"""`python -m infer.transition`: a start frame and an end frame in, the video between them out.
+
+Example (random-weight tiny model, runs on a laptop CPU; the frames are noise but every stage runs):
+    python -m infer.transition --start a.png --end b.png --out out/walk.mp4
+
+With a converted model (see `python -m convert video --help`):
+    python -m infer.transition --model ./video-jax --start a.png --end b.png --prompt "a girl walks home" \\
+        --out out/walk.mp4
+    python -m infer.transition --model ./video-jax --story-dir out/story --out out/story.mp4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+OUTPUTS = """outputs:
+  OUT.mp4 (H.264) or OUT.gif, with OUT.json beside it (settings, seed, model, timings), or
+  OUT_DIR/ holding frame_0000.png ... and transition.json. Everything is written under a temporary name
+  and renamed when complete: a failed or interrupted run leaves nothing that looks finished."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from storydiff_jax.pipelines.video_components import PRESETS
+
+    p = argparse.ArgumentParser(
+        prog="python -m infer.transition",
+        description="Render the transition between a start and an end frame (StoryDiffusion's transition videos): "
+                    "both frames become IP-Adapter-Plus image tokens, the Semantic Motion Predictor predicts the "
+                    "tokens of every frame in between, and an SD1.5 U-Net with AnimateDiff v2 motion modules "
+                    "renders the frames. --story-dir turns a story folder from `python -m infer.story` into one "
+                    "long video of consecutive transitions.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=OUTPUTS)
+    frames_in = p.add_argument_group("input frames (give --start and --end, or --story-dir)")
+    frames_in.add_argument("--start", metavar="IMAGE", help="first frame (any size: scaled to cover, centre-cropped)")
+    frames_in.add_argument("--end", metavar="IMAGE", help="last frame")
+    frames_in.add_argument("--story-dir", metavar="DIR", help="a folder written by `python -m infer.story`: its "
+                           "panels in order become consecutive transitions (prompt: each end panel's prompt)")
+    p.add_argument("--out", required=True, help="OUT.mp4, OUT.gif or an output folder of PNG frames")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="CONVERTED_DIR", help="folder written by `python -m convert video`")
+    src.add_argument("--preset", choices=sorted(PRESETS), help="random-weight model of that shape (default: "
+                     "tiny-video when no --model is given)")
+    p.add_argument("--prompt", default=None, help="text prompt (default: empty; with --story-dir the end panel's)")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--frames", type=int, default=None, help="frames per transition, 2..32 (default: 16; 8 on tiny "
+                   "presets)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 25; 4 on tiny presets)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    p.add_argument("--ip-scale", type=float, default=1.0, help="weight of the image-token attention (default: 1.0)")
+    p.add_argument("--smp", choices=["predict", "none"], default=None,
+                   help="predict: the Semantic Motion Predictor's tokens; none: plain interpolation of the start "
+                        "and end tokens (default: predict when the model has a trained SMP, else none)")
+    p.add_argument("--no-anchor", action="store_true", help="do not hold the first/last frames to the given "
+                   "pictures (the paper conditions only through tokens; holding them is our default)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same frames (default: 0)")
+    p.add_argument("--fps", type=float, default=8.0, help="frames per second of the mp4/gif (default: 8)")
+    p.add_argument("--height", type=int, default=None, help="frame height, a multiple of 64 (default: the start "
+                   "frame's, rounded to a multiple of 64)")
+    p.add_argument("--width", type=int, default=None, help="frame width, a multiple of 64 (default: as height)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _read_story_dir(folder: str) -> tuple[list[str], list[str]]:
+    """(panel image paths, panel prompts) of an infer.story output folder."""
+    from storydiff_jax.errors import ConfigError
+
+    path = os.path.join(folder, "story.json")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--story-dir {folder}: no such folder; pass a folder written by `python -m infer.story`")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        panels = manifest["panels"]
+        files = [os.path.join(folder, p["file"]) for p in panels]
+        prompts = [str(p.get("prompt", "")) for p in panels]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"--story-dir {folder}: no readable story.json with a panel list; pass a folder written by "
+                          "`python -m infer.story`") from None
+    if len(files) < 2:
+        raise ConfigError(f"--story-dir {folder}: {len(files)} panel(s); a transition needs at least 2")
+    return files, prompts
+
+
+def _output_kind(out: str) -> str:
+    from storydiff_jax.errors import ConfigError
+    from storydiff_jax.video_io import VIDEO_EXTENSIONS
+
+    ext = os.path.splitext(out.rstrip("/"))[1].lower()
+    if out.endswith(("/", os.sep)) or not ext:
+        return "folder"
+    if ext not in VIDEO_EXTENSIONS:
+        raise ConfigError(f"--out {out}: unknown output type {ext!r}; use {', '.join(VIDEO_EXTENSIONS)} or a folder "
+                          "name without an extension")
+    return ext
+
+
+def _default_side(image, stride: int) -> int:
+    return max(stride, round(image.height / stride) * stride), max(stride, round(image.width / stride) * stride)
+
+
+def run(args: argparse.Namespace, log=print) -> str:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from storydiff_jax.errors import ConfigError
+    from storydiff_jax.images import load_image
+    from storydiff_jax.pipelines.transition import TransitionOptions, TransitionPipeline
+    from storydiff_jax.video_io import write_video
+
+    out = os.path.abspath(args.out)
+    kind = _output_kind(args.out)
+    if os.path.exists(out) and not args.overwrite:
+        raise ConfigError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    if args.story_dir:
+        if args.start or args.end:
+            raise ConfigError("give either --story-dir or --start/--end, not both")
+        files, prompts = _read_story_dir(args.story_dir)
+    elif args.start and args.end:
+        files, prompts = [args.start, args.end], [args.prompt or "", args.prompt or ""]
+    else:
+        raise ConfigError("no input frames: give --start A.png --end B.png, or --story-dir DIR")
+    # Read every picture before loading any model: a missing file fails in a second.
+    images = [load_image(f) for f in files]
+    source = args.model or args.preset or "tiny-video"
+    tiny = source.startswith("tiny-")
+    if not args.model:
+        log(f"no --model given: using the random-weight preset {source!r} (shapes only, the frames are noise); "
+            "convert real checkpoints with `python -m convert video` for real videos")
+    on_accel = jax.default_backend() != "cpu"
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[
+        args.dtype or ("bfloat16" if on_accel else "float32")]
+    t0 = time.perf_counter()
+    pipe = TransitionPipeline.from_pretrained(source, dtype=dtype)
+    load_s = time.perf_counter() - t0
+    stride = pipe.config.latent_stride
+    height, width = _default_side(images[0], stride)
+    height, width = args.height or height, args.width or args.height or width
+    if images[0].size != (width, height) or any(im.size != images[0].size for im in images):
+        log(f"frames are scaled to cover {width}x{height} and centre-cropped")
+    smp = args.smp or ("predict" if pipe.has_smp else "none")
+    if args.smp is None and not pipe.has_smp:
+        log("this model has no trained Semantic Motion Predictor: using plain token interpolation (--smp none)")
+    base = TransitionOptions(
+        prompt=args.prompt or "", negative=args.negative, frames=args.frames or (8 if tiny else 16),
+        steps=args.steps or (4 if tiny else 25), guidance=args.guidance, ip_scale=args.ip_scale, smp=smp,
+        seed=args.seed, height=height, width=width, anchor=not args.no_anchor)
+    pipe.check(base)
+    if args.fps <= 0:
+        raise ConfigError(f"--fps must be > 0, got {args.fps}")
+
+    import dataclasses
+
+    from storydiff_jax.pipelines.transition import fit_image
+
+    tokens, uncond = pipe.image_tokens([fit_image(im, height, width) for im in images])
+    frames, transitions = [], []
+    for k in range(len(images) - 1):
+        options = dataclasses.replace(base, prompt=args.prompt if args.prompt is not None else prompts[k + 1])
+        if len(images) > 2 and not args.quiet:
+            log(f"transition {k + 1}/{len(images) - 1}: {files[k]} -> {files[k + 1]}")
+        result = pipe(images[k], images[k + 1], options, progress=not args.quiet,
+                      tokens=(tokens[k:k + 2], uncond))
+        # Consecutive transitions share their boundary frame: write it once.
+        frames.append(result.frames if k == 0 else result.frames[1:])
+        transitions.append({"start": files[k], "end": files[k + 1], "prompt": options.prompt,
+                            "timings": result.info["timings"]})
+    video = np.concatenate(frames)
+    manifest = {
+        "model": pipe.components.source,
+        "dtype": jnp.dtype(dtype).name,
+        "devices": [str(d) for d in pipe.mesh.devices.flat],
+        "settings": {**dataclasses.asdict(base), "fps": args.fps},
+        "seed": args.seed,
+        "smp_trained": pipe.has_smp,
+        "frames": int(video.shape[0]),
+        "size": [int(video.shape[1]), int(video.shape[2])],
+        "transitions": transitions,
+        "timings": {"load_s": load_s},
+    }
+    _write(out, kind, video, args.fps, manifest, write_video)
+    log(f"wrote {video.shape[0]} frames ({video.shape[2]}x{video.shape[1]}) to {out}")
+    return out
+
+
+def _write(out: str, kind: str, video, fps: float, manifest: dict, write_video) -> None:
+    """Video + manifest, both or neither: temporary names first, renamed at the end."""
+    import shutil
+
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    if kind == "folder":
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+        try:
+            write_video(video, os.path.join(tmp, "frames") + os.sep, fps=fps)
+            for name in os.listdir(os.path.join(tmp, "frames")):
+                os.replace(os.path.join(tmp, "frames", name), os.path.join(tmp, name))
+            os.rmdir(os.path.join(tmp, "frames"))
+            with open(os.path.join(tmp, "transition.json"), "w") as f:
+                json.dump(manifest, f, indent=2)
+            if os.path.exists(out):
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+        return
+    manifest_path = os.path.splitext(out)[0] + ".json"
+    fd, tmp_manifest = tempfile.mkstemp(prefix=".transition-", suffix=".json.partial", dir=parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(manifest, f, indent=2)
+        write_video(video, out, fps=fps)
+        os.replace(tmp_manifest, manifest_path)
+    finally:
+        if os.path.exists(tmp_manifest):
+            os.remove(tmp_manifest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from storydiff_jax.cli import run_command
+
+    return run_command(lambda: run(args), interrupted="no video was written")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
