@@ -12,6 +12,7 @@ With a converted model (see `python -m convert video --help`):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=8.0, help="frames per second of the mp4/gif (default: 8)")
     p.add_argument("--height", type=int, default=None, help="frame height, a multiple of 64 (default: the start "
                    "frame's, rounded to a multiple of 64)")
-    p.add_argument("--width", type=int, default=None, help="frame width, a multiple of 64 (default: as height)")
+    p.add_argument("--width", type=int, default=None, help="frame width, a multiple of 64 (default: the start "
+                   "frame's, rounded to a multiple of 64)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -114,7 +116,8 @@ def run(args: argparse.Namespace, log=print) -> str:
 
     from storydiff_jax.errors import ConfigError
     from storydiff_jax.images import load_image
-    from storydiff_jax.pipelines.transition import TransitionOptions, TransitionPipeline
+    from storydiff_jax.pipelines.transition import TransitionOptions, TransitionPipeline, check_options, fit_image
+    from storydiff_jax.pipelines.video_components import load_video_config
     from storydiff_jax.video_io import write_video
 
     out = os.path.abspath(args.out)
@@ -129,39 +132,35 @@ def run(args: argparse.Namespace, log=print) -> str:
         files, prompts = [args.start, args.end], [args.prompt or "", args.prompt or ""]
     else:
         raise ConfigError("no input frames: give --start A.png --end B.png, or --story-dir DIR")
-    # Read every picture before loading any model: a missing file fails in a second.
+    # Read every picture and check every setting before loading any weights: bad input fails in a second.
     images = [load_image(f) for f in files]
     source = args.model or args.preset or "tiny-video"
     tiny = source.startswith("tiny-")
+    config = load_video_config(source)
+    stride = config.latent_stride
+    height, width = _default_side(images[0], stride)
+    height, width = args.height or height, args.width or width
+    smp = args.smp or ("predict" if config.smp is not None else "none")
+    base = TransitionOptions(
+        prompt=args.prompt or "", negative=args.negative, frames=args.frames or (8 if tiny else 16),
+        steps=args.steps or (4 if tiny else 25), guidance=args.guidance, ip_scale=args.ip_scale, smp=smp,
+        seed=args.seed, height=height, width=width, anchor=not args.no_anchor)
+    check_options(config, base)
+    if args.fps <= 0:
+        raise ConfigError(f"--fps must be > 0, got {args.fps}")
     if not args.model:
         log(f"no --model given: using the random-weight preset {source!r} (shapes only, the frames are noise); "
             "convert real checkpoints with `python -m convert video` for real videos")
+    if args.smp is None and config.smp is None:
+        log("this model has no trained Semantic Motion Predictor: using plain token interpolation (--smp none)")
+    if any(im.size != (width, height) for im in images):
+        log(f"frames are scaled to cover {width}x{height} and centre-cropped")
     on_accel = jax.default_backend() != "cpu"
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[
         args.dtype or ("bfloat16" if on_accel else "float32")]
     t0 = time.perf_counter()
     pipe = TransitionPipeline.from_pretrained(source, dtype=dtype)
     load_s = time.perf_counter() - t0
-    stride = pipe.config.latent_stride
-    height, width = _default_side(images[0], stride)
-    height, width = args.height or height, args.width or args.height or width
-    if images[0].size != (width, height) or any(im.size != images[0].size for im in images):
-        log(f"frames are scaled to cover {width}x{height} and centre-cropped")
-    smp = args.smp or ("predict" if pipe.has_smp else "none")
-    if args.smp is None and not pipe.has_smp:
-        log("this model has no trained Semantic Motion Predictor: using plain token interpolation (--smp none)")
-    base = TransitionOptions(
-        prompt=args.prompt or "", negative=args.negative, frames=args.frames or (8 if tiny else 16),
-        steps=args.steps or (4 if tiny else 25), guidance=args.guidance, ip_scale=args.ip_scale, smp=smp,
-        seed=args.seed, height=height, width=width, anchor=not args.no_anchor)
-    pipe.check(base)
-    if args.fps <= 0:
-        raise ConfigError(f"--fps must be > 0, got {args.fps}")
-
-    import dataclasses
-
-    from storydiff_jax.pipelines.transition import fit_image
-
     tokens, uncond = pipe.image_tokens([fit_image(im, height, width) for im in images])
     frames, transitions = [], []
     for k in range(len(images) - 1):

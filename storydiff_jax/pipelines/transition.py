@@ -35,7 +35,7 @@ from ..models.smp import interpolate_tokens
 from ..schedulers import make_sampler
 from ..sharding import data_mesh, put_replicated, replicated
 from .progress import Progress, tick_from_jit
-from .video_components import VideoComponents, load_video_components
+from .video_components import VideoComponents, VideoPipelineConfig, load_video_components
 
 SMP_MODES = ("predict", "none")
 
@@ -75,6 +75,30 @@ def fit_image(image: Image.Image | np.ndarray, height: int, width: int) -> np.nd
     img = img.resize(size, Image.Resampling.BICUBIC)
     left, top = (img.width - width) // 2, (img.height - height) // 2
     return np.asarray(img.crop((left, top, left + width, top + height)))
+
+
+def check_options(config: VideoPipelineConfig, o: TransitionOptions) -> None:
+    """One-line errors for settings this model cannot render (checked before anything is loaded or run)."""
+    stride = config.latent_stride
+    for name, v in (("height", o.height), ("width", o.width)):
+        if v <= 0 or v % stride:
+            raise ConfigError(f"{name} {v} is not a positive multiple of {stride} (VAE x U-Net downscale); use "
+                              f"e.g. {max(stride, round(v / stride) * stride)}")
+    limit = config.max_frames
+    if not 2 <= o.frames <= limit:
+        raise ConfigError(f"frames {o.frames} is outside 2..{limit} (the motion module's positional table has "
+                          f"{config.unet.motion.max_frames} entries); use --frames between 2 and {limit}")
+    if o.steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {o.steps}")
+    if o.guidance < 0:
+        raise ConfigError(f"guidance must be >= 0, got {o.guidance}")
+    if o.smp not in SMP_MODES:
+        raise ConfigError(f"smp mode {o.smp!r} is not one of {', '.join(SMP_MODES)}")
+    if o.smp == "predict" and config.smp is None:
+        raise ConfigError("this model has no trained Semantic Motion Predictor; use --smp none (plain "
+                          "interpolation) or train one with `python -m train smp` and export it")
+    if o.decode_batch < 1:
+        raise ConfigError(f"decode batch must be >= 1, got {o.decode_batch}")
 
 
 def _to_uint8(images: jax.Array) -> jax.Array:
@@ -142,32 +166,12 @@ class TransitionPipeline:
         """Per-frame tokens [B, L, N, D] from start/end tokens [B, N, D]: the SMP's prediction or interpolation."""
         if mode == "none":
             return interpolate_tokens(start, end, frames)
-        if not self.has_smp:
-            raise ConfigError("this model has no trained Semantic Motion Predictor; use --smp none (plain "
-                              "interpolation) or train one with `python -m train smp` and export it")
         fn = self._program(("smp", frames), lambda: jax.jit(
             lambda s, a, b: self._model("smp", s)(a, b, frames)))
         return fn(self._states["smp"], start, end)
 
-    # ------------------------------------------------------------------ checks
     def check(self, o: TransitionOptions) -> None:
-        stride = self.config.latent_stride
-        for name, v in (("height", o.height), ("width", o.width)):
-            if v <= 0 or v % stride:
-                raise ConfigError(f"{name} {v} is not a positive multiple of {stride} (VAE x U-Net downscale); use "
-                                  f"e.g. {max(stride, round(v / stride) * stride)}")
-        limit = self.config.max_frames
-        if not 2 <= o.frames <= limit:
-            raise ConfigError(f"frames {o.frames} is outside 2..{limit} (the motion module's positional table has "
-                              f"{self.config.unet.motion.max_frames} entries); use --frames between 2 and {limit}")
-        if o.steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {o.steps}")
-        if o.guidance < 0:
-            raise ConfigError(f"guidance must be >= 0, got {o.guidance}")
-        if o.smp not in SMP_MODES:
-            raise ConfigError(f"smp mode {o.smp!r} is not one of {', '.join(SMP_MODES)}")
-        if o.decode_batch < 1:
-            raise ConfigError(f"decode batch must be >= 1, got {o.decode_batch}")
+        check_options(self.config, o)
 
     # ------------------------------------------------------------------ programs
     def _denoise_program(self, sampler, anchor: bool):

@@ -155,10 +155,27 @@ def config_from_dicts(dicts: dict[str, dict | None]) -> VideoPipelineConfig:
                                parts["image_proj"], parts.get("smp"), scheduler)
 
 
+def load_video_config(source: str) -> VideoPipelineConfig:
+    """The configuration of a preset or converted folder, read without loading any weights."""
+    if source in PRESETS:
+        return PRESETS[source]
+    if not os.path.isdir(source):
+        raise CheckpointError(f"{source}: neither a converted video folder nor a preset ({', '.join(PRESETS)}); "
+                              "convert one with `python -m convert video`")
+    index = checkpoints.read_index(source)
+    if index.get("arch") != ARCH:
+        raise CheckpointError(f"{source}: a converted {index.get('arch')!r} model, not a video model; convert one "
+                              "with `python -m convert video` (text-to-image folders are for infer.story)")
+    names = [n for n in index.get("components", []) if n in COMPONENTS]
+    dicts = {name: checkpoints.read_json(source, f"{name}/config.json") for name in names}
+    dicts["scheduler"] = checkpoints.read_json(source, "scheduler/scheduler_config.json")
+    return config_from_dicts(dicts)
+
+
 def load_video_components(source: str, *, dtype=jnp.float32, seed: int = 0) -> VideoComponents:
     """A folder from `python -m convert video`, or a preset (`tiny-video`, `video`) with random weights."""
+    config = load_video_config(source)
     if source in PRESETS:
-        config = PRESETS[source]
         models = {}
         for i, name in enumerate(config.components):
             build, dt = _build(name, config, dtype)
@@ -167,17 +184,6 @@ def load_video_components(source: str, *, dtype=jnp.float32, seed: int = 0) -> V
         tokenizer_dir = _preset_tokenizer_dir("<|endoftext|>")
         source_name = f"preset:{source}"
     else:
-        if not os.path.isdir(source):
-            raise CheckpointError(f"{source}: neither a converted video folder nor a preset ({', '.join(PRESETS)}); "
-                                  "convert one with `python -m convert video`")
-        index = checkpoints.read_index(source)
-        if index.get("arch") != ARCH:
-            raise CheckpointError(f"{source}: a converted {index.get('arch')!r} model, not a video model; convert one "
-                                  "with `python -m convert video` (text-to-image folders are for infer.story)")
-        names = [n for n in index.get("components", []) if n in COMPONENTS]
-        dicts = {name: checkpoints.read_json(source, f"{name}/config.json") for name in names}
-        dicts["scheduler"] = checkpoints.read_json(source, "scheduler/scheduler_config.json")
-        config = config_from_dicts(dicts)
         models = {}
         for name in config.components:
             build, dt = _build(name, config, dtype)
