@@ -165,6 +165,9 @@ class SchedulerConfig:
 PRESETS = {
     "sd15": SchedulerConfig(sampler="ddim"),
     "sdxl": SchedulerConfig(sampler="euler"),
+    # AnimateDiff v2 (configs/inference/inference-v2.yaml -> DDIMScheduler(**kwargs)): linear betas,
+    # steps_offset 1, clip_sample False; set_alpha_to_one is not in the yaml, so diffusers' default True.
+    "animatediff": SchedulerConfig(beta_schedule="linear", set_alpha_to_one=True, sampler="ddim"),
 }
 
 
