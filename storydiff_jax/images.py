@@ -1,0 +1,98 @@
+"""Image loading and CLIP preprocessing (PIL + numpy only: no torch, no torchvision).
+
+`clip_preprocess` reproduces transformers' `CLIPImageProcessor` as IP-Adapter calls it (default
+settings: shortest edge 224, bicubic, center crop 224, OpenAI CLIP mean/std) step by step:
+1. resize so the short side is `size`, the long side `int(size * long / short)` (truncated, as both
+   transformers and torchvision compute it), with PIL's antialiased bicubic filter on uint8 RGB;
+2. center crop with the top-left corner at `(resized - size) // 2`;
+3. float32(uint8 * (1/255), computed in float64), then (x - mean) / std in float32.
+tests/test_clip_vision.py measures the difference to transformers on non-square images: 0.0 against its
+PIL backend (the one it runs without torchvision). Its default torchvision backend resizes tensors with
+torch's antialiased bicubic, which is close to but not bit-identical with PIL's.
+
+open_clip's own transform (torchvision `Resize` + `CenterCrop`) resizes the same way (PIL on PIL
+input) but places the crop at `round((resized - size) / 2)`: when the margin is odd and its half
+rounds up (Python's round-half-to-even: a margin of 515 gives 258 where we take 257) the crop sits
+one pixel later. We follow transformers because IP-Adapter's reference code preprocesses with it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ConfigError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """An image file as a PIL RGB image (alpha dropped, palette/greyscale expanded)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"image {path} not found; check the path")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ConfigError(f"image {path} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                          "use a PNG/JPEG/WebP file") from None
+
+
+def _as_pil(image, index: int) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise ConfigError(f"image {index}: array of dtype {arr.dtype}; pass uint8 RGB pixels (0..255), "
+                          "not normalised floats")
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4) or min(arr.shape[:2]) < 1:
+        raise ConfigError(f"image {index}: array of shape {arr.shape}; pass [height, width, 3] uint8 RGB (HWC)")
+    return Image.fromarray(np.ascontiguousarray(arr[..., :3]), "RGB")
+
+
+def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    """Bicubic (antialiased) resize so that the shorter side is `size` pixels."""
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)  # truncation, like transformers / torchvision
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    return image.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+
+
+def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
+    """[H, W, C] -> [size, size, C], corner at floor((H - size) / 2), floor((W - size) / 2)."""
+    h, w = arr.shape[:2]
+    if h < size or w < size:  # cannot happen after resize_short_side; kept as a guard for direct callers
+        raise ConfigError(f"image of {w}x{h} pixels is smaller than the {size}x{size} crop")
+    top, left = (h - size) // 2, (w - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+def clip_preprocess(images: Sequence | np.ndarray | Image.Image, size: int = 224) -> np.ndarray:
+    """Images -> np.float32 [B, size, size, 3], CLIP-normalised, ready for `CLIPVisionModel`.
+
+    images: a PIL image, a list of PIL images / uint8 [H, W, 3] arrays, or one uint8 [B, H, W, 3] array.
+    """
+    if isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim == 3):
+        images = [images]
+    if size < 1:
+        raise ConfigError(f"clip_preprocess: size must be positive, got {size}")
+    if len(images) == 0:
+        raise ConfigError("clip_preprocess: no images given")
+    mean = np.asarray(CLIP_MEAN, np.float32)
+    std = np.asarray(CLIP_STD, np.float32)
+    out = np.empty((len(images), size, size, 3), np.float32)
+    for i, image in enumerate(images):
+        pixels = center_crop(np.asarray(resize_short_side(_as_pil(image, i), size)), size)
+        # float64 product then float32, and the normalisation in float32: transformers' arithmetic, so
+        # the only possible differences to it are in the resampling.
+        out[i] = ((pixels.astype(np.float64) * (1 / 255)).astype(np.float32) - mean) / std
+    return out
