@@ -159,12 +159,13 @@ def test_unreadable_inputs_raise_one_line(tmp_path):
     good = (tmp_path / "good.mp4")
     write_video(gradient_clip(), good)
     data = good.read_bytes()
+    junk = np.random.default_rng(7).integers(0, 256, 3000, dtype=np.uint8).tobytes()
     cases = {
         "missing.mp4": None,
-        "junk.mp4": os.urandom(3000),
+        "junk.mp4": junk,
         "head.mp4": data[:100],
         "half.mp4": data[: len(data) // 2],
-        "junk.gif": os.urandom(3000),
+        "junk.gif": junk,
         "png.gif": None,
     }
     for name, content in cases.items():
