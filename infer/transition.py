@@ -93,15 +93,15 @@ def _read_story_dir(folder: str) -> tuple[list[str], list[str]]:
 
 
 def _output_kind(out: str) -> str:
+    """'folder' for a name without extension (or ending in /), else the video extension (.mp4 / .gif)."""
     from storydiff_jax.errors import ConfigError
-    from storydiff_jax.video_io import VIDEO_EXTENSIONS
 
-    ext = os.path.splitext(out.rstrip("/"))[1].lower()
+    ext = os.path.splitext(out.rstrip("/" + os.sep))[1].lower()
     if out.endswith(("/", os.sep)) or not ext:
         return "folder"
-    if ext not in VIDEO_EXTENSIONS:
-        raise ConfigError(f"--out {out}: unknown output type {ext!r}; use {', '.join(VIDEO_EXTENSIONS)} or a folder "
-                          "name without an extension")
+    if ext not in (".mp4", ".gif"):
+        raise ConfigError(f"--out {out}: unknown output type {ext!r}; use .mp4, .gif or a folder name without an "
+                          "extension")
     return ext
 
 
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace, log=print) -> str:
         "devices": [str(d) for d in pipe.mesh.devices.flat],
         "settings": {**dataclasses.asdict(base), "fps": args.fps},
         "seed": args.seed,
-        "smp_trained": pipe.has_smp,
+        "has_smp": pipe.has_smp,
         "frames": int(video.shape[0]),
         "size": [int(video.shape[1]), int(video.shape[2])],
         "transitions": transitions,

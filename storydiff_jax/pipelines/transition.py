@@ -174,7 +174,9 @@ class TransitionPipeline:
         check_options(self.config, o)
 
     # ------------------------------------------------------------------ programs
-    def _denoise_program(self, sampler, anchor: bool):
+    def _denoise_program(self, sampler, anchor: bool, ticks: bool):
+        """ticks: report each step to the progress bar. Off when nobody watches, which also lets JAX's
+        persistent compilation cache keep the program (it never stores programs with host callbacks)."""
         n = sampler.num_steps
 
         def run(unet_state, noise, ctx, tokens, uncond_tokens, guidance, ip_scale, anchors):
@@ -196,7 +198,8 @@ class TransitionPipeline:
                 out = unet(xin, sampler.model_timestep(i), ctx, image_tokens=image, ip_scale=ip_scale)
                 uncond, cond = jnp.split(out.astype(jnp.float32), 2)
                 eps = uncond + guidance * (cond - uncond)
-                tick_from_jit(i)
+                if ticks:
+                    tick_from_jit(i)
                 return held(sampler.step(eps, i, x), i + 1), None
 
             x0 = held(noise * sampler.init_noise_sigma, 0)
@@ -246,7 +249,9 @@ class TransitionPipeline:
         noise = jax.device_put(noise, self._frame_sharding(o.frames))
         if anchors is None:
             anchors = jnp.zeros((2, h, w, channels), c.dtype)
-        run = self._program(("denoise", sampler, o.anchor), lambda: self._denoise_program(sampler, o.anchor))
+        ticks = progress or Progress.listener is not None
+        run = self._program(("denoise", sampler, o.anchor, ticks),
+                            lambda: self._denoise_program(sampler, o.anchor, ticks))
         Progress.start(progress, o.steps, "denoise")
         latents = run(self._states["unet"], noise, ctx, per_frame.astype(c.dtype), uncond.astype(c.dtype),
                       jnp.float32(o.guidance), jnp.float32(o.ip_scale), anchors)
