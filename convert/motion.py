@@ -108,7 +108,7 @@ def _pickle_source(path: str) -> _Source:
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         # A training checkpoint: the whole U-Net (maybe DataParallel-prefixed); keep the temporal part.
         sd = {k.removeprefix("module."): v for k, v in sd["state_dict"].items()}
-        sd = {k: v for k, v in sd.items() if ".motion_modules." in k or k.startswith("mid_block.motion_modules.")}
+        sd = {k: v for k, v in sd.items() if ".motion_modules." in k}
     if not isinstance(sd, dict) or not all(hasattr(v, "shape") for v in sd.values()):
         raise CheckpointError(f"{path}: holds no state dict of tensors; is it a motion-module checkpoint?")
     shapes = {k: tuple(v.shape) for k, v in sd.items()}

@@ -8,7 +8,9 @@ Parity (fp32, max |ours - ref| <= 1e-4 * max(1, max |ref|)):
   replaced (in the test) by a per-frame GroupNorm: a direct statement of the original AnimateDiff code,
   which folds frames into the batch before its GroupNorm (`(b f) c h w`). Everything else in the two
   references is the same code, so this isolates the one difference. The test also checks the two
-  modes really differ at this scale, so it could not pass by accident.
+  modes really differ at this scale, so it could not pass by accident. The same run gives every
+  cross-attention IP-Adapter's image branch (diffusers' IPAdapterAttnProcessor2_0) with tokens that
+  differ per frame, checking their frame-major routing;
 Conversion: the original `mm_sd_v15_v2.ckpt` layout (written here by renaming the diffusers keys back
 and adding `pos_encoder.pe`) converts to exactly the params of the diffusers folder; errors for
 v1/v3/SDXL modules, shape/key mismatches, changed positional tables, too many frames.
@@ -35,6 +37,9 @@ from storydiff_jax.params import abstract_params, build_with_params
 
 diffusers = pytest.importorskip("diffusers")
 TOL = 1e-4
+# The tiny reference models are far too small to gain from intra-op threads, and on a busy shared
+# CPU torch's thread pool makes each small matmul ~40x slower (measured): run torch single-threaded.
+torch.set_num_threads(1)
 
 
 def _perturb(model, seed):
@@ -140,17 +145,66 @@ def test_video_unet_matches_diffusers_across_frame_norm(tiny):
     _check("video unet (diffusers, across-frame GroupNorm) 1x4x16x16", out, ref)
 
 
-def test_video_unet_per_frame_norm_matches_original_semantics(tiny):
-    x, t, ctx = _inputs(batch=2, frames=3)
+def _with_ip_adapter(model, seed):
+    """Give every cross-attention IP-Adapter's image branch (random to_k_ip/to_v_ip); return its params."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    g = torch.Generator().manual_seed(seed)
+    procs, params = {}, {}
+    for name, proc in model.attn_processors.items():
+        if not name.endswith("attn2.processor") or ".motion_modules." in name:   # motion attn2 is self-attn
+            procs[name] = proc
+            continue
+        attn = model.get_submodule(name[:-len(".processor")])
+        ip = IPAdapterAttnProcessor2_0(attn.to_q.out_features, attn.to_k.in_features, num_tokens=(4,), scale=IP_SCALE)
+        with torch.no_grad():
+            for lin in (*ip.to_k_ip, *ip.to_v_ip):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.2)
+        procs[name] = ip
+        stem = name[:-len("processor")]
+        params[stem + "to_k_ip.kernel"] = ip.to_k_ip[0].weight.detach().numpy().T.copy()
+        params[stem + "to_v_ip.kernel"] = ip.to_v_ip[0].weight.detach().numpy().T.copy()
+    model.set_attn_processor(procs)
+    return params
+
+
+IP_SCALE = 0.7
+
+
+def test_video_unet_per_frame_norm_and_ip_tokens(tiny):
+    """Original per-frame GroupNorm, two videos, and IP-Adapter tokens that differ per frame.
+
+    The reference gets the same tokens flattened frame-major ((b f) order) through diffusers'
+    IPAdapterAttnProcessor2_0, so a wrong frame/video ordering of the tokens would show.
+    """
+    b, f = 2, 3
+    x, t, ctx = _inputs(batch=b, frames=f)
+    tokens = np.random.default_rng(5).standard_normal((b, f, 4, 32)).astype(np.float32)
     patched, n = _per_frame_reference(tiny.ref)
     assert n == 13   # tiny topology (1 layer per block): 4 down + 1 mid + 4 x 2 up
-    ref = _reference(patched, x, t, ctx)
     across = _reference(tiny.ref, x, t, ctx)
-    gap = float(np.abs(across - ref).max())
+    plain_per_frame = _reference(patched, x, t, ctx)
+    gap = float(np.abs(across - plain_per_frame).max())
     print(f"\nper-frame vs across-frame reference outputs differ by {gap:.2e}")
-    assert gap > 10 * TOL * max(1.0, float(np.abs(ref).max())), "the two GroupNorm modes do not differ here"
-    out = _ours(_video_unet(tiny, per_frame_norm=True), x, t, ctx)
-    _check("video unet (original, per-frame GroupNorm) 2x3x16x16", out, ref)
+    assert gap > 10 * TOL * max(1.0, float(np.abs(plain_per_frame).max())), "the GroupNorm modes do not differ here"
+
+    ip_params = _with_ip_adapter(patched, seed=6)
+    with torch.no_grad():
+        out = patched(torch.from_numpy(x.transpose(0, 2, 1, 3, 4)), torch.from_numpy(t),
+                      (torch.from_numpy(np.repeat(ctx, f, axis=0)),
+                       [torch.from_numpy(tokens.reshape(b * f, 4, 32))])).sample
+    ref = out.numpy().transpose(0, 2, 1, 3, 4)
+    assert float(np.abs(ref - plain_per_frame).max()) > 1e-2, "the image branch has no visible effect"
+    model = _video_unet(tiny, per_frame_norm=True, ip_adapter=True, extra=ip_params)
+    ours = _forward_ip(model, jnp.asarray(x.transpose(0, 1, 3, 4, 2)), jnp.asarray(t), jnp.asarray(ctx),
+                       jnp.asarray(tokens))
+    _check("video unet (per-frame GroupNorm, per-frame IP tokens, scale 0.7) 2x3x16x16",
+           np.asarray(ours).transpose(0, 1, 4, 2, 3), ref)
+
+
+@nnx.jit
+def _forward_ip(model, x, t, ctx, tokens):
+    return model(x, t, ctx, image_tokens=tokens, ip_scale=IP_SCALE)
 
 
 @pytest.mark.parametrize("per_frame", [False, True])
