@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and end tokens (default: predict when the model has a trained SMP, else none)")
     p.add_argument("--no-anchor", action="store_true", help="do not hold the first/last frames to the given "
                    "pictures (the paper conditions only through tokens; holding them is our default)")
+    p.add_argument("--motion-norm", choices=["per-frame", "across-frames"], default=None,
+                   help="GroupNorm statistics of the motion modules: per-frame = original AnimateDiff, what its "
+                        "checkpoints were trained with (default); across-frames = diffusers' MotionAdapter")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same frames (default: 0)")
     p.add_argument("--fps", type=float, default=8.0, help="frames per second of the mp4/gif (default: 8)")
     p.add_argument("--height", type=int, default=None, help="frame height, a multiple of 64 (default: the start "
@@ -159,7 +162,7 @@ def run(args: argparse.Namespace, log=print) -> str:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[
         args.dtype or ("bfloat16" if on_accel else "float32")]
     t0 = time.perf_counter()
-    pipe = TransitionPipeline.from_pretrained(source, dtype=dtype)
+    pipe = TransitionPipeline.from_pretrained(source, dtype=dtype, motion_norm=args.motion_norm)
     load_s = time.perf_counter() - t0
     tokens, uncond = pipe.image_tokens([fit_image(im, height, width) for im in images])
     frames, transitions = [], []
@@ -178,7 +181,8 @@ def run(args: argparse.Namespace, log=print) -> str:
         "model": pipe.components.source,
         "dtype": jnp.dtype(dtype).name,
         "devices": [str(d) for d in pipe.mesh.devices.flat],
-        "settings": {**dataclasses.asdict(base), "fps": args.fps},
+        "settings": {**dataclasses.asdict(base), "fps": args.fps,
+                     "motion_norm": "per-frame" if pipe.config.unet.motion.per_frame_norm else "across-frames"},
         "seed": args.seed,
         "has_smp": pipe.has_smp,
         "frames": int(video.shape[0]),

@@ -129,3 +129,15 @@ def test_eight_devices_equal_one(tmp_path):
     many, one = np.load(out)
     print("\n8 devices vs 1:", proc.stdout.strip())
     assert np.abs(many.astype(int) - one.astype(int)).max() <= 1
+
+
+def test_motion_norm_option(pipe):
+    """across-frames (diffusers' numerics) is a real switch: same weights, other frames; unknown names refused."""
+    across = TransitionPipeline.from_pretrained("tiny-video", motion_norm="across-frames")
+    assert pipe.config.unet.motion.per_frame_norm and not across.config.unet.motion.per_frame_norm
+    start, end = _pictures(7)
+    o = dataclasses.replace(FAST, steps=1)
+    a, b = pipe(start, end, o, progress=False).frames, across(start, end, o, progress=False).frames
+    assert np.abs(a.astype(int) - b.astype(int)).max() > 0
+    with pytest.raises(ConfigError, match="motion norm 'sideways'"):
+        TransitionPipeline.from_pretrained("tiny-video", motion_norm="sideways")

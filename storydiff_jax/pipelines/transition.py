@@ -120,9 +120,14 @@ class TransitionPipeline:
         self._programs: dict = {}
 
     @classmethod
-    def from_pretrained(cls, source: str, *, dtype=jnp.float32, seed: int = 0, devices=None) -> "TransitionPipeline":
-        """A folder from `python -m convert video`, or a preset (`tiny-video`, `video`)."""
-        return cls(load_video_components(source, dtype=dtype, seed=seed), devices=devices)
+    def from_pretrained(cls, source: str, *, dtype=jnp.float32, seed: int = 0, devices=None,
+                        motion_norm: str | None = None) -> "TransitionPipeline":
+        """A folder from `python -m convert video`, or a preset (`tiny-video`, `video`).
+
+        motion_norm: `per-frame` (default of converted folders: original AnimateDiff) or `across-frames`
+        (diffusers' MotionAdapter numerics).
+        """
+        return cls(load_video_components(source, dtype=dtype, seed=seed, motion_norm=motion_norm), devices=devices)
 
     @property
     def has_smp(self) -> bool:

@@ -172,9 +172,27 @@ def load_video_config(source: str) -> VideoPipelineConfig:
     return config_from_dicts(dicts)
 
 
-def load_video_components(source: str, *, dtype=jnp.float32, seed: int = 0) -> VideoComponents:
-    """A folder from `python -m convert video`, or a preset (`tiny-video`, `video`) with random weights."""
-    config = load_video_config(source)
+MOTION_NORMS = {"per-frame": True, "across-frames": False}
+
+
+def with_motion_norm(config: VideoPipelineConfig, motion_norm: str | None) -> VideoPipelineConfig:
+    """The motion modules' GroupNorm statistics: `per-frame` (original AnimateDiff, what the published
+    weights were trained with) or `across-frames` (diffusers' MotionAdapter); None keeps the config's."""
+    if motion_norm is None:
+        return config
+    if motion_norm not in MOTION_NORMS:
+        raise ConfigError(f"motion norm {motion_norm!r} is not one of {', '.join(MOTION_NORMS)}")
+    motion = dataclasses.replace(config.unet.motion, per_frame_norm=MOTION_NORMS[motion_norm])
+    return dataclasses.replace(config, unet=dataclasses.replace(config.unet, motion=motion))
+
+
+def load_video_components(source: str, *, dtype=jnp.float32, seed: int = 0,
+                          motion_norm: str | None = None) -> VideoComponents:
+    """A folder from `python -m convert video`, or a preset (`tiny-video`, `video`) with random weights.
+
+    motion_norm: override the motion modules' GroupNorm mode (`per-frame` | `across-frames`).
+    """
+    config = with_motion_norm(load_video_config(source), motion_norm)
     if source in PRESETS:
         models = {}
         for i, name in enumerate(config.components):
