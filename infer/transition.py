@@ -112,7 +112,11 @@ def _default_side(image, stride: int) -> int:
     return max(stride, round(image.height / stride) * stride), max(stride, round(image.width / stride) * stride)
 
 
-def run(args: argparse.Namespace, log=print) -> str:
+def run(args: argparse.Namespace, log=print, *, pipe=None) -> str:
+    """Render the transition(s) of `args` and write `args.out`; returns its path.
+
+    pipe: an already loaded TransitionPipeline for `args.model`/`args.preset` (the web app loads once).
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -161,8 +165,10 @@ def run(args: argparse.Namespace, log=print) -> str:
     on_accel = jax.default_backend() != "cpu"
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[
         args.dtype or ("bfloat16" if on_accel else "float32")]
+    if pipe is not None:
+        dtype = pipe.components.dtype
     t0 = time.perf_counter()
-    pipe = TransitionPipeline.from_pretrained(source, dtype=dtype, motion_norm=args.motion_norm)
+    pipe = pipe or TransitionPipeline.from_pretrained(source, dtype=dtype, motion_norm=args.motion_norm)
     load_s = time.perf_counter() - t0
     tokens, uncond = pipe.image_tokens([fit_image(im, height, width) for im in images])
     frames, transitions = [], []
@@ -197,26 +203,20 @@ def run(args: argparse.Namespace, log=print) -> str:
 
 def _write(out: str, kind: str, video, fps: float, manifest: dict, write_video) -> None:
     """Video + manifest, both or neither: temporary names first, renamed at the end."""
-    import shutil
+    from storydiff_jax.outputs import staged_folder
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
     if kind == "folder":
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
-        try:
-            write_video(video, os.path.join(tmp, "frames") + os.sep, fps=fps)
-            for name in os.listdir(os.path.join(tmp, "frames")):
-                os.replace(os.path.join(tmp, "frames", name), os.path.join(tmp, name))
-            os.rmdir(os.path.join(tmp, "frames"))
+        with staged_folder(out) as tmp:
+            frames = os.path.join(tmp, "frames")
+            write_video(video, frames + os.sep, fps=fps)
+            for name in os.listdir(frames):      # the PNGs sit beside the manifest, not in a subfolder
+                os.replace(os.path.join(frames, name), os.path.join(tmp, name))
+            os.rmdir(frames)
             with open(os.path.join(tmp, "transition.json"), "w") as f:
                 json.dump(manifest, f, indent=2)
-            if os.path.exists(out):
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
         return
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
     manifest_path = os.path.splitext(out)[0] + ".json"
     fd, tmp_manifest = tempfile.mkstemp(prefix=".transition-", suffix=".json.partial", dir=parent)
     try:

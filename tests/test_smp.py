@@ -212,3 +212,8 @@ def test_bad_shapes_and_configs_raise(reference):
         SMPConfig(max_frames=1)
     with pytest.raises(ConfigError, match="SMP config"):
         SMPConfig.from_dict({"hidden": "big", "heads": 16})
+
+
+def test_config_with_unknown_key_is_an_error():
+    with pytest.raises(ConfigError, match="SMP config: unknown keys bogus"):
+        SMPConfig.from_dict({**SMPConfig().to_dict(), "bogus": 1})

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..configs import config_from_fields
 from ..errors import ConfigError
 from ..nn.attention import dot_product_attention
 from ..nn.layers import Linear
@@ -54,11 +55,7 @@ class ResamplerConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ResamplerConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names - {"_class_name"})
-        if unknown:
-            raise ConfigError(f"resampler config: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-        return cls(**{k: int(v) for k, v in d.items() if k in names})
+        return config_from_fields(cls, d, "resampler", cast=int)
 
 
 PRESETS: dict[str, ResamplerConfig] = {

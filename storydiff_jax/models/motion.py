@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..configs import config_from_fields
 from ..errors import ConfigError
 from ..nn.attention import Attention
 from ..nn.layers import Linear
@@ -53,11 +54,7 @@ class MotionConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MotionConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names - {"_class_name"})
-        if unknown:
-            raise ConfigError(f"motion config: unknown keys {unknown}; expected some of {sorted(names)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return config_from_fields(cls, d, "motion")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

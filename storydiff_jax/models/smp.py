@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..configs import config_from_fields
 from ..errors import ConfigError
 from ..nn.layers import Embed, Linear
 from ..nn.norms import LayerNorm
@@ -79,9 +80,8 @@ class SMPConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SMPConfig":
-        """Our own `to_dict` output (a `config.json`); unknown keys are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """Our own `to_dict` output (a `config.json`)."""
+        return config_from_fields(cls, d, "SMP")
 
     def to_dict(self) -> dict[str, Any]:
         return {"_class_name": "SemanticMotionPredictor", **dataclasses.asdict(self)}

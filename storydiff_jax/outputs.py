@@ -1,0 +1,27 @@
+"""Writing a run's outputs so that they appear whole or not at all."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from typing import Iterator
+
+
+@contextmanager
+def staged_folder(dst: str) -> Iterator[str]:
+    """Yield an empty temporary folder beside `dst`; when the block completes it replaces `dst` (an existing
+    `dst` is removed first), when the block raises it is deleted. Readers never see a half-written `dst`."""
+    dst = os.path.abspath(dst)
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(dst):
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
