@@ -1,15 +1,23 @@
 """Full-size parity and timing: our Flax U-Net / VAE vs diffusers' with the same random weights.
 
-For each `--arch` (sd15, sdxl), builds the REAL-size diffusers UNet2DConditionModel and AutoencoderKL from
+For each `--arch` (sd15, sdxl, video), builds the REAL-size diffusers UNet2DConditionModel and AutoencoderKL from
 our presets' configs with random weights (zero/constant-initialised layers perturbed so they count),
 converts their state dicts to our parameters in memory (`convert.state_dict.convert_tensors`, one tensor
 at a time, no files), builds our models with `build_with_params`, and runs one U-Net forward, one VAE
 decode and one VAE encode in both frameworks on identical inputs. Prints a markdown table per arch (one
 row per network): errors against the PyTorch fp32 reference, wall times, dtype and device.
 
+`--arch video`: the transition stage's video U-Net (SD1.5 + AnimateDiff v2 motion modules + IP-Adapter's
+decoupled cross-attention) vs diffusers' `UNetMotionModel.from_unet2d(UNet2DConditionModel, MotionAdapter)`
+with IP-Adapter processors (`IPAdapterAttnProcessor2_0`, random to_k_ip/to_v_ip, 16 tokens per frame,
+scale 1) in every cross-attention: one forward of `--video-batch` video(s) of `--frames` frames at
+`--size` (default 64 = 512 px). Our motion modules run diffusers' numerics here (GroupNorm statistics
+across frames, `per_frame_norm=False`). The VAE is SD1.5's (the sd15 rows).
+
   .venv/bin/python bench/parity_full.py                         # sd15 + sdxl, fp32, defaults
   .venv/bin/python bench/parity_full.py --arch sd15 --out docs/parity.md
   .venv/bin/python bench/parity_full.py --arch sdxl --size 64 --skip-vae --dtype bfloat16
+  .venv/bin/python bench/parity_full.py --arch video --frames 16 --size 32    # what fits a 24 GB CPU machine
 
 Memory: the PyTorch model lives only until its output is computed; its state dict is then consumed
 tensor by tensor (each converted to numpy, then dropped from torch), and the numpy dict is consumed the
@@ -59,15 +67,15 @@ if _LIBC is not None:
     # threshold keeps every tensor >= 1 MiB in its own mapping, returned to the OS when freed.
     _LIBC.mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD
 
-LATENT_SIDE = {"sd15": 64, "sdxl": 128}
+LATENT_SIDE = {"sd15": 64, "sdxl": 128, "video": 64}
 GIB = 1024 ** 3
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=["sd15", "sdxl"], action="append",
-                   help="architecture(s) to check; repeat for several (default: sd15 and sdxl)")
+    p.add_argument("--arch", choices=["sd15", "sdxl", "video"], action="append",
+                   help="architecture(s) to check; repeat for several (default: sd15, sdxl and video)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="JAX-side dtype (the PyTorch reference is always fp32)")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
@@ -76,6 +84,10 @@ def parse_args(argv=None):
                    help="latent side (default 64 for sd15, 128 for sdxl); the VAE image side is 8x this")
     p.add_argument("--batch", type=int, default=2, help="U-Net batch (2 = one CFG pair); the VAE runs batch 1")
     p.add_argument("--vae-batch", type=int, default=1)
+    p.add_argument("--frames", type=int, default=16, help="video: frames per video (AnimateDiff v2: 16)")
+    p.add_argument("--video-batch", type=int, default=1, help="video: videos per U-Net call")
+    p.add_argument("--video-preset", choices=["video", "tiny-video"], default="video",
+                   help="video: the real-size preset, or tiny-video for a seconds-long check of the script")
     p.add_argument("--skip-unet", action="store_true")
     p.add_argument("--skip-vae", action="store_true")
     p.add_argument("--repeats", type=int, default=3,
@@ -88,7 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="run networks even when the memory check says they won't fit")
     p.add_argument("--out", type=Path, help="append the tables (with the command line and machine info) to this file")
     args = p.parse_args(argv)
-    args.arch = args.arch or ["sd15", "sdxl"]
+    args.arch = args.arch or ["sd15", "sdxl", "video"]
     return args
 
 
@@ -105,6 +117,7 @@ from flax import nnx  # noqa: E402
 
 from convert.state_dict import convert_tensors  # noqa: E402
 from storydiff_jax.models import unet as unet_mod  # noqa: E402
+from storydiff_jax.models import video_unet as video_mod  # noqa: E402
 from storydiff_jax.models import vae as vae_mod  # noqa: E402
 from storydiff_jax.params import abstract_params, build_with_params  # noqa: E402
 
@@ -334,6 +347,142 @@ def run_unet(arch: str, args, env) -> dict | None:
             **error_stats(out, ref), "torch_s": torch_s, "jax_s": jax_s, "compile_s": compile_s}
 
 
+IP_TOKENS = 16      # IP-Adapter-Plus: 16 image tokens per frame
+
+
+def _install_ip_processors(model, seed: int) -> int:
+    """IP-Adapter's image branch in every cross-attention of a diffusers UNetMotionModel (random weights at
+    a scale where the branch visibly changes the output); returns how many layers got one."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    gen = torch.Generator(device="cpu").manual_seed(seed + 5)
+    procs, n = {}, 0
+    for name, proc in model.attn_processors.items():
+        if not name.endswith("attn2.processor") or ".motion_modules." in name:   # motion attn2 is self-attention
+            procs[name] = proc
+            continue
+        attn = model.get_submodule(name[:-len(".processor")])
+        ip = IPAdapterAttnProcessor2_0(attn.to_q.out_features, attn.to_k.in_features, num_tokens=(IP_TOKENS,),
+                                       scale=1.0)
+        with torch.no_grad():
+            for lin in (*ip.to_k_ip, *ip.to_v_ip):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * lin.weight.shape[1] ** -0.5)
+        procs[name] = ip
+        n += 1
+    model.set_attn_processor(procs)
+    return n
+
+
+def video_state_dict_tensors(sd: dict):
+    """A diffusers UNetMotionModel state dict (with IP-Adapter processors) -> (our key, fp32 numpy), consumed.
+
+    Spatial keys are SD1.5's (the generic rename applies); motion-module keys are renamed to the original
+    AnimateDiff layout our modules mirror and their stored positional tables checked against the formula
+    and dropped (convert/motion.py's own steps); `attn2.processor.to_k_ip.0.weight` -> `attn2.to_k_ip.weight`.
+    """
+    import re
+
+    from convert.motion import _checked_tables, _diffusers_to_ours
+
+    for key, arr in _checked_tables(consume_state_dict(sd), "diffusers UNetMotionModel"):
+        key = re.sub(r"\.processor\.(to_[kv]_ip)\.0\.weight$", r".\1.weight", _diffusers_to_ours(key))
+        yield key, arr
+
+
+def run_video_unet(args, env) -> dict | None:
+    import dataclasses
+
+    base = video_mod.PRESETS[args.video_preset]
+    # diffusers' MotionAdapter normalises across frames; ours defaults to the original per-frame statistics.
+    config = dataclasses.replace(base, motion=dataclasses.replace(base.motion, per_frame_norm=False),
+                                 ip_adapter=True)
+    ucfg, mcfg = config.unet, config.motion
+    side = args.size or (LATENT_SIDE["video"] if args.video_preset == "video" else 16)
+    b, f = args.video_batch, args.frames
+    dtype = JNP_DTYPES[args.dtype]
+    what = f"video U-Net ({args.video_preset})"
+    build32 = lambda: video_mod.VideoUNet(config, rngs=nnx.Rngs(0))  # noqa: E731
+    gib = params_gib(build32)
+    # As run_unet: one fp32 copy + runtime + the first attention level's logits, here over b*f images.
+    level = next(i for i, t in enumerate(ucfg.down_block_types) if t.startswith("CrossAttn"))
+    tokens = (side // 2 ** level) ** 2
+    need = 1.1 * gib + 0.5 + 6 * b * f * ucfg.num_attention_heads[level] * tokens ** 2 * 4 / GIB
+    if not fits(what, need, args, env["torch_dev"], env["jax_gpu"]):
+        return {"network": f"U-Net + motion + IP ({args.video_preset})",
+                "skipped": f"{b}x{f} frames at {side}x{side} need ~{need:.0f} GiB host memory (try --frames 4 "
+                           "--size 32)"}
+
+    rng = np.random.default_rng(args.seed)
+    x = rng.standard_normal((b, f, ucfg.in_channels, side, side)).astype(np.float32)     # [B, F, C, h, w]
+    ctx = rng.standard_normal((b, 77, ucfg.cross_attention_dim)).astype(np.float32)
+    ip = rng.standard_normal((b, f, IP_TOKENS, ucfg.cross_attention_dim)).astype(np.float32)
+    t = np.array([999, 421, 650, 20][:b] + [500] * max(0, b - 4), np.int64)
+
+    # ---- PyTorch reference
+    log(f"{what}: building diffusers UNetMotionModel ({gib:.2f} GiB fp32)")
+    torch.manual_seed(args.seed)
+    from diffusers import MotionAdapter, UNet2DConditionModel as TorchUNet, UNetMotionModel
+    d = ucfg.to_dict()
+    d.pop("_class_name")
+    unet2d = TorchUNet(**d).eval()
+    adapter = MotionAdapter(block_out_channels=tuple(ucfg.block_out_channels),
+                            motion_layers_per_block=ucfg.layers_per_block, motion_num_attention_heads=mcfg.num_heads,
+                            motion_norm_num_groups=mcfg.norm_groups, motion_max_seq_length=mcfg.max_frames,
+                            use_motion_mid_block=True)
+    model = UNetMotionModel.from_unet2d(unet2d, adapter).eval()
+    del unet2d, adapter
+    free_memory()
+    # Zero-initialised proj_out of every motion module would make the motion modules identities: perturb.
+    perturb_constant_parameters(model, args.seed)
+    n_ip = _install_ip_processors(model, args.seed)
+    dev = env["torch_dev"]
+    model = model.to(dev)
+    # diffusers: sample [B, C, F, h, w]; text repeated per frame; IP tokens frame-major ((b f) order).
+    tx = torch.from_numpy(x.transpose(0, 2, 1, 3, 4)).to(dev)
+    tt = torch.from_numpy(t).to(dev)
+    tc = torch.from_numpy(np.repeat(ctx, f, axis=0)).to(dev)
+    tip = torch.from_numpy(ip.reshape(b * f, IP_TOKENS, -1)).to(dev)
+    log(f"{what}: PyTorch forward, {b} video(s) x {f} frames x {ucfg.in_channels}x{side}x{side}, "
+        f"IP-Adapter in {n_ip} layers")
+    with torch.no_grad():
+        ref, torch_s = torch_time(lambda: model(tx, tt, (tc, [tip])).sample, warmup=args.warmup,
+                                  repeats=args.repeats, cuda=dev == "cuda")
+    ref = ref.float().cpu().numpy().transpose(0, 2, 1, 3, 4)                           # [B, F, C, h, w]
+    sd = model.state_dict()
+    del model, tx, tt, tc, tip
+    free_memory()
+    log(f"{what}: PyTorch {torch_s:.2f} s/call")
+
+    # ---- ours
+    expected = abstract_params(build32)
+    t0 = time.perf_counter()
+    params = ConsumingDict(convert_tensors(video_state_dict_tensors(sd), expected, what=what, dtype=dtype))
+    del sd
+    free_memory()
+    log(f"{what}: converted {len(params)} tensors in {time.perf_counter() - t0:.1f} s")
+    model = build_with_params(lambda: video_mod.VideoUNet(config, dtype=dtype, rngs=nnx.Rngs(0)), params, what=what)
+    assert not params, "build_with_params left parameters unused"
+    del params
+    graphdef, state = nnx.split(model)
+    del model
+    free_memory()
+    log(f"{what}: built Flax model in {args.dtype}; compiling")
+
+    def forward(state, x, t, ctx, ip):
+        return nnx.merge(graphdef, state)(x, t, ctx, image_tokens=ip, ip_scale=1.0)
+
+    jargs = (state, jnp.asarray(x.transpose(0, 1, 3, 4, 2)), jnp.asarray(t), jnp.asarray(ctx),
+             jnp.asarray(ip).astype(dtype))
+    out, compile_s, jax_s = jax_time(forward, jargs, warmup=args.warmup, repeats=args.repeats)
+    out = np.asarray(out.astype(jnp.float32)).transpose(0, 1, 4, 2, 3)                # [B, F, C, h, w]
+    del state, jargs
+    free_memory()
+    log(f"{what}: JAX compile {compile_s:.1f} s, {jax_s:.2f} s/call")
+    return {"network": f"U-Net + motion modules + IP-Adapter ({args.video_preset})",
+            "shape": f"{b}x{f}x{ucfg.in_channels}x{side}x{side} (+ {f}x{IP_TOKENS} image tokens)",
+            **error_stats(out, ref), "torch_s": torch_s, "jax_s": jax_s, "compile_s": compile_s}
+
+
 def run_vae(arch: str, args, env) -> list[dict]:
     config = vae_mod.PRESETS[arch]
     side, b = args.size or LATENT_SIDE[arch], args.vae_batch
@@ -466,6 +615,13 @@ def main(args):
     tables = []
     for arch in args.arch:
         rows = []
+        if arch == "video":          # the video stage's VAE is SD1.5's: see the sd15 rows
+            if not args.skip_unet:
+                rows.append(run_video_unet(args, env))
+                free_memory()
+            tables.append(table(arch, rows, args, env))
+            print("\n" + tables[-1] + "\n", flush=True)
+            continue
         if not args.skip_unet:
             rows.append(run_unet(arch, args, env))
             free_memory()

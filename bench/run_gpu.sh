@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Every benchmark of bench/ on a GPU machine; results are appended to docs/*.md.
 #
-#   bash bench/run_gpu.sh            # all of them (story, parity, convert)
+#   bash bench/run_gpu.sh            # all of them (story, transition, parity, convert)
 #   bash bench/run_gpu.sh story      # one of: story | story-bank | story-window | story-torch | story-scaling
-#                                    #         | parity | convert
+#                                    #         | transition | parity | parity-video | convert
 #
 # `story` runs the three story modes and the window scaling, then writes the table. The story-* steps run
 # one part each (handy under a per-command time limit) and keep their result in out/bench/story/; a
@@ -21,7 +21,11 @@ STORY_ARGS=(--preset sdxl --height 768 --width 768 --steps 35 --panels 8 --id-le
 story()         { "$PY" bench/story.py "${STORY_ARGS[@]}" --window-scaling --out docs/bench_story.md; }
 story_part()    { "$PY" bench/story.py "${STORY_ARGS[@]}" --modes "$1"; }
 story_scaling() { "$PY" bench/story.py "${STORY_ARGS[@]}" --modes "" --window-scaling; }
-parity()        { "$PY" bench/parity_full.py --out docs/parity.md; }
+# One transition video (video preset, 512x512, 16 frames, 25 steps), ours vs diffusers AnimateDiffPipeline.
+transition()    { "$PY" bench/transition.py --preset video --height 512 --width 512 --frames 16 --steps 25 \
+                      --out docs/bench_transition.md; }
+parity()        { "$PY" bench/parity_full.py --out docs/parity.md; }   # sd15, sdxl and the video U-Net
+parity_video()  { "$PY" bench/parity_full.py --arch video --out docs/parity.md; }
 convert() {
   {
     echo
@@ -39,9 +43,11 @@ case "${1:-all}" in
   story-window) story_part window ;;
   story-torch) story_part torch ;;
   story-scaling) story_scaling ;;
+  transition) transition ;;
   parity) parity ;;
+  parity-video) parity_video ;;
   convert) convert ;;
-  all) story; parity; convert ;;
-  *) echo "usage: bash bench/run_gpu.sh [all|story|story-bank|story-window|story-torch|story-scaling|parity|convert]" >&2
+  all) story; transition; parity; convert ;;
+  *) echo "usage: bash bench/run_gpu.sh [all|story|story-bank|story-window|story-torch|story-scaling|transition|parity|parity-video|convert]" >&2
      exit 2 ;;
 esac
