@@ -19,9 +19,9 @@ coin flip decides CSA vs plain attention (step 0 always plain, then CSA with pro
 step 20 and 0.9 after). All randomness is drawn up front from the seed with numpy (`draw_schedule`),
 so the jitted program is deterministic and a PyTorch re-statement can be fed the same draws.
 
-Where we differ from the official code, on purpose: the official read phase stores all id tokens and
-re-draws the selection for every read panel; we store only the selected tokens (half the memory at
-rate 0.5) and every read panel sees that same selection. Both are rate-`sa` samples of the same tokens.
+Bank semantics are the official ones: the official low-VRAM app (its default entry point) stores only
+the sampled tokens of each id image and its read phase attends to exactly that write-time selection,
+as we do. Only the official *old* app stored all id tokens and re-drew a selection per read panel.
 """
 
 from __future__ import annotations

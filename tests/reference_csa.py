@@ -15,8 +15,8 @@ Two layers, both re-stating the official StoryDiffusion comic stage (../shared/R
      per-image self-attention.
    * read (batch [uncond x B, cond x B]): when the panel's flip says CSA, a panel's keys/values in
      half h are its own L tokens + the stored tokens of half h of each character it names
-     (concatenated); otherwise plain attention. Like our code (and unlike the official, which stores
-     all tokens and re-draws), the read phase sees the write-time selection.
+     (concatenated); otherwise plain attention. As in the official low-VRAM app (the default entry
+     point; only its old app stored all tokens and re-drew), the read phase sees the write-time selection.
 
    All randomness comes from numpy draws the caller sets on the state (`draw_write_schedules`,
    `draw_read_flips` of `storydiff_jax.consistent`): boolean selections and flips. tests/

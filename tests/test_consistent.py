@@ -12,8 +12,8 @@ StoryDiffusion behaviour"), as a diffusers attention processor set on the up blo
   official `cal_attn_mask_xl` mask); otherwise plain per-image self-attention.
 * read (batch [uncond x B, cond x B]): when the panel's flip says CSA, a panel's keys/values in half h
   are its own L tokens + the stored tokens of half h of each character it names (concatenated);
-  otherwise plain attention. Like our code (and unlike the official, which stores all tokens and
-  re-draws), the read phase sees the write-time selection.
+  otherwise plain attention. As in the official low-VRAM app (the default entry point; only its old
+  app stored all tokens and re-drew), the read phase sees the write-time selection.
 
 Both sides get the same numpy draws (`draw_write_schedules`, `draw_read_flips`); the torch side reads
 the boolean selections and flips, our side the compacted bank positions. No sampler: each step feeds

@@ -48,13 +48,33 @@ class StoryOptions:
     sa32: float = 0.5
     sa64: float = 0.5
     mode: str = "bank"
-    window: int = 4
+    window: int = 4                      # window mode: panels per sliding window (stride 1)
+    chunk: int | None = None             # window mode: panels denoised together; None: all of them
     layout: str = "four-panel"
     sampler: str = "ddim"
     freeu: bool = True
-    read_batch: int = 4
+    read_batch: int | None = None        # None: 4 rounded up to a multiple of the device count
     font: str | None = None
     bank_offload: bool = False           # keep banks in host memory, stream each step's slice to the device
+
+    def __post_init__(self):
+        # Checked here, not in the pipeline, so every caller (CLI, web app, Python) gets the same one-line
+        # errors before anything is loaded or written, and no value is silently replaced by another.
+        if self.mode not in MODES:
+            raise ConfigError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+        for name, example in (("steps", 35), ("window", 4), ("read_batch", 4), ("chunk", 16)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                                      or value < 1):
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}; pass e.g. {flag} {example}")
+        if self.mode == "window" and self.chunk is not None and self.chunk < self.window:
+            raise ConfigError(f"chunk {self.chunk} is smaller than window {self.window}: a chunk must hold at "
+                              f"least one whole window; pass --chunk >= {self.window} (or leave it unset)")
+        if not np.isfinite(self.guidance) or self.guidance < 0:
+            raise ConfigError(f"guidance must be a finite number >= 0, got {self.guidance}; pass e.g. --guidance 5")
+        if not (0.0 <= self.sa32 <= 1.0 and 0.0 <= self.sa64 <= 1.0):
+            raise ConfigError("sa32 and sa64 are sampling rates: use values in [0, 1]")
 
     def csa(self) -> csa.CSASettings:
         return csa.CSASettings(sa32=self.sa32, sa64=self.sa64)
@@ -252,12 +272,6 @@ class StoryPipeline:
                  progress: bool = True, log=lambda msg: None) -> StoryResult:
         o = options
         self.check_size(o.height, o.width)
-        if o.mode not in MODES:
-            raise ConfigError(f"mode {o.mode!r} is not one of {', '.join(MODES)}")
-        if o.steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {o.steps}")
-        if not (0.0 <= o.sa32 <= 1.0 and 0.0 <= o.sa64 <= 1.0):
-            raise ConfigError("sa32 and sa64 are sampling rates: use values in [0, 1]")
         known = set(bank.characters) if bank is not None else set()
         if isinstance(story, str):
             story = parse_story(story, id_length=o.id_length, known_characters=known)
@@ -352,7 +366,8 @@ class StoryPipeline:
             return
         names = list(bank.characters)
         flips_all = csa.draw_read_flips(o.seed, len(story.panels), o.steps, len(layer_tokens), o.csa())
-        batch = -(-max(1, o.read_batch) // self.n_devices) * self.n_devices
+        # Rows are sharded over the devices, so the batch is a multiple of their count (padding repeats a panel).
+        batch = -(-(o.read_batch or 4) // self.n_devices) * self.n_devices
         read = self._program(("read", sampler, tuple(layer_tokens), freeu, o.bank_offload),
                              lambda: self._read_program(sampler, layer_tokens, freeu, o.bank_offload))
         tokens, valid = bank.placed(host_memory(self.mesh) if o.bank_offload else replicated(self.mesh)).device_arrays()
