@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 STORY_FORMAT = """story file format:
@@ -91,11 +89,17 @@ def _write_outputs(tmp: str, result, manifest: dict) -> None:
         json.dump(manifest, f, indent=2)
 
 
-def run(args: argparse.Namespace, log=print) -> str:
+def run(args: argparse.Namespace, log=print, *, text: str | None = None, pipe=None) -> str:
+    """Generate the story of `args` and write its run folder (`args.out`); returns the folder.
+
+    text: the story itself instead of reading `args.story`; pipe: an already loaded StoryPipeline for
+    `args.model`/`args.preset` (the web app loads its model once and runs every request through here).
+    """
     import jax
     import jax.numpy as jnp
 
     from storydiff_jax.errors import ConfigError
+    from storydiff_jax.outputs import staged_folder
     from storydiff_jax.pipelines import StoryOptions, StoryPipeline
     from storydiff_jax.pipelines.bank import CharacterBank
     from storydiff_jax.story import parse_story
@@ -103,11 +107,12 @@ def run(args: argparse.Namespace, log=print) -> str:
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.overwrite:
         raise ConfigError(f"{args.out} already exists; choose another --out or pass --overwrite")
-    try:
-        with open(args.story, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(f"cannot read the story file {args.story}: {e.strerror}") from None
+    if text is None:
+        try:
+            with open(args.story, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read the story file {args.story}: {e.strerror}") from None
     source = args.model or args.preset or "tiny-sdxl"
     tiny = source.startswith("tiny-")
     bank = CharacterBank.load(args.load_bank) if args.load_bank else None
@@ -123,9 +128,13 @@ def run(args: argparse.Namespace, log=print) -> str:
             if name in story.characters and story.characters[name].description != description:
                 raise ConfigError(f"character [{name}] is described differently than in the bank {args.load_bank}; "
                                   "use the same description or drop --load-bank")
+    if args.save_bank and args.mode != "bank":   # checked before generating: window mode keeps no bank
+        raise ConfigError("--save-bank needs --mode bank (window mode keeps no bank)")
     on_accel = jax.default_backend() != "cpu"
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[
         args.dtype or ("bfloat16" if on_accel else "float32")]
+    if pipe is not None:
+        dtype = pipe.components.dtype
     options = StoryOptions(
         style=args.style, negative=args.negative, steps=args.steps or (8 if tiny else 35), guidance=args.guidance,
         height=args.height or (128 if tiny else 768), width=args.width or (128 if tiny else 768), seed=args.seed,
@@ -133,7 +142,8 @@ def run(args: argparse.Namespace, log=print) -> str:
         layout=args.layout, sampler=args.sampler, freeu=not args.no_freeu, read_batch=args.read_batch,
         font=args.font, bank_offload=args.bank_offload)
     t0 = time.perf_counter()
-    pipe = StoryPipeline.from_pretrained(source, dtype=dtype)
+    if pipe is None:
+        pipe = StoryPipeline.from_pretrained(source, dtype=dtype)
     load_s = time.perf_counter() - t0
     from storydiff_jax.story import apply_style
 
@@ -154,21 +164,10 @@ def run(args: argparse.Namespace, log=print) -> str:
         "pages": [f"pages/{i:02d}.png" for i in range(len(result.pages))],
         "timings": {"load_s": load_s, **result.info["timings"]},
     }
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
-    try:
+    with staged_folder(out) as tmp:
         _write_outputs(tmp, result, manifest)
         if args.save_bank:
-            if result.bank is None:
-                raise ConfigError("--save-bank needs --mode bank (window mode keeps no bank)")
             result.bank.save(args.save_bank)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
     log(f"wrote {len(result.panels)} panels to {os.path.join(out, 'panels')} and {len(result.pages)} pages to "
         f"{os.path.join(out, 'pages')}")
     return out
