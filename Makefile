@@ -9,7 +9,7 @@ OUT ?= out/story
 MODEL ?=
 PYTEST_ARGS ?=
 
-.PHONY: story test venv clean
+.PHONY: story test venv browser clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,16 @@ venv: $(VENV)/.installed
 story: venv
 	$(PY) -m infer.story --story $(STORY) --out $(OUT) --overwrite $(if $(MODEL),--model $(MODEL),)
 
-test: venv
+# The web app's browser test drives Debian's chromium through chromium-driver: installed here when missing and
+# when run as root (CI); elsewhere that test skips and says why.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+	      || echo "could not install chromium/chromium-driver: the browser test will skip"; \
+	  else echo "chromium/chromium-driver missing and not root: the browser test will skip"; fi; fi
+
+test: venv browser
 	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 clean:

@@ -1,0 +1,450 @@
+"""`python -m infer.app`: the web app (Gradio) over `infer.story` and `infer.transition`.
+
+    python -m infer.app                                  # tiny random-weight presets, http://127.0.0.1:7860
+    python -m infer.app --model ./sdxl-jax --video-model ./video-jax --out out/app
+
+The models are loaded once at start. Every request goes through the CLIs' own `run()` (same options, same
+defaults, same checks, same one-line errors, same run folders), one at a time per device: Gradio's queue
+holds the others and shows them their place in line. Everything the app writes, Gradio's upload cache
+included, lands under --out; it never opens a path typed into the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextvars
+import datetime
+import itertools
+import json
+import os
+import shutil
+import sys
+import threading
+from contextlib import contextmanager
+
+IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
+MAX_IMAGE_SIDE = 4096          # an upload larger than this is refused before it is decoded (decompression bombs)
+DEVICE_QUEUE = "device"        # one concurrency group for every generating event: one run at a time per device
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from storydiff_jax.pipelines.components import PRESETS
+    from storydiff_jax.pipelines.video_components import PRESETS as VIDEO_PRESETS
+
+    p = argparse.ArgumentParser(
+        prog="python -m infer.app",
+        description="The StoryDiffusion web app: a story editor that renders consistent comic panels and pages, "
+                    "and transition videos between two panels or two uploaded pictures.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="DIR", help="story model: a folder from `python -m convert pipeline`")
+    src.add_argument("--preset", choices=sorted(PRESETS), help="random-weight story model (default: tiny-sdxl "
+                     "when no --model is given)")
+    vsrc = p.add_mutually_exclusive_group()
+    vsrc.add_argument("--video-model", metavar="DIR", help="transition model: a folder from `python -m convert "
+                      "video`")
+    vsrc.add_argument("--video-preset", choices=sorted(VIDEO_PRESETS), help="random-weight transition model "
+                      "(default: tiny-video when no --video-model is given)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "
+                   "0.0.0.0 makes the app reachable from the network)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument("--out", default="out/app", metavar="DIR", help="every run's files go under DIR (default: "
+                   "out/app): stories/, videos/, banks/, and Gradio's upload cache")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default: "
+                   "anyone with the link can use your machine)")
+    p.add_argument("--max-upload-mb", type=float, default=50.0, help="largest accepted upload (default: 50)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _cli_parser(module):
+    """The CLI's own parser, with its errors raised as one-line ConfigErrors instead of exiting the server."""
+    from storydiff_jax.errors import ConfigError
+
+    parser = module.build_parser()
+
+    def error(message):
+        raise ConfigError(message)
+
+    parser.error = error
+    return parser
+
+
+def _flags(**values) -> list[str]:
+    """--name value pairs for the CLI parser; None (an empty field) leaves the CLI's default."""
+    argv = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is not False:
+            argv += [flag, str(int(value)) if isinstance(value, float) and value.is_integer() and name in _INTS
+                     else str(value)]
+    return argv
+
+
+# gr.Number hands back floats; integer options must reach argparse as "3", not "3.0".
+_INTS = {"steps", "height", "width", "seed", "id_length", "window", "frames"}
+
+
+def check_upload(path: str | None, what: str, types: tuple[str, ...], max_bytes: int) -> str:
+    """An uploaded file Gradio stored for us: right type, within the size limit. Returns its path."""
+    from storydiff_jax.errors import ConfigError
+
+    if not path:
+        raise ConfigError(f"no {what} uploaded; upload one ({', '.join(types)})")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in types:
+        raise ConfigError(f"{what}: {ext or 'no extension'} files are not accepted; upload {', '.join(types)}")
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise ConfigError(f"{what}: {size / 2**20:.1f} MB is over the {max_bytes / 2**20:.0f} MB upload limit; "
+                          "upload a smaller file")
+    if types == IMAGE_TYPES:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:       # reads the header only: the size is known before any decoding
+                w, h = im.size
+        except (UnidentifiedImageError, OSError):
+            raise ConfigError(f"{what} is not a readable image; upload a PNG, JPEG or WebP picture") from None
+        if max(w, h) > MAX_IMAGE_SIDE:
+            raise ConfigError(f"{what} is {w}x{h} pixels; upload one at most {MAX_IMAGE_SIDE} pixels on a side")
+    return path
+
+
+@contextmanager
+def progress_to(progress):
+    """Feed every pipeline step tick (`Progress.listener`) to a Gradio progress bar.
+
+    Ticks arrive from jax's callback thread; gr.Progress finds its event through context variables, so each
+    tick runs in a copy of the request's context."""
+    from storydiff_jax.pipelines.progress import Progress
+
+    ctx = contextvars.copy_context()
+
+    def listener(phase: str, done: int, total: int) -> None:
+        ctx.copy().run(progress, (done, total), desc=phase, unit="steps")
+
+    Progress.listener = listener
+    try:
+        yield
+    finally:
+        Progress.listener = None
+
+
+def _zip_folder(folder: str) -> str:
+    """folder -> folder.zip holding folder/..., written under a temporary name first."""
+    parent, name = os.path.split(folder)
+    tmp_base = os.path.join(parent, f".{name}.zip-partial")
+    try:
+        tmp = shutil.make_archive(tmp_base, "zip", root_dir=parent, base_dir=name)
+        os.replace(tmp, folder + ".zip")
+    finally:
+        if os.path.exists(tmp_base + ".zip"):
+            os.remove(tmp_base + ".zip")
+    return folder + ".zip"
+
+
+# ----------------------------------------------------------------------------------------------- the app
+class StoryApp:
+    """The loaded models and the request handlers (plain functions of the form's values: testable without a UI)."""
+
+    def __init__(self, args: argparse.Namespace, log=print):
+        import jax
+        import jax.numpy as jnp
+
+        import infer.story
+        import infer.transition
+        from storydiff_jax.pipelines import StoryPipeline
+        from storydiff_jax.pipelines.transition import TransitionPipeline
+
+        self.args = args
+        self.out = os.path.abspath(args.out)
+        self.max_upload = int(args.max_upload_mb * 2**20)
+        self.story_source = args.model or args.preset or "tiny-sdxl"
+        self.video_source = args.video_model or args.video_preset or "tiny-video"
+        self.story_cli = _cli_parser(infer.story)
+        self.video_cli = _cli_parser(infer.transition)
+        on_accel = jax.default_backend() != "cpu"
+        dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[
+            args.dtype or ("bfloat16" if on_accel else "float32")]
+        log(f"loading {self.story_source} and {self.video_source} ...")
+        # Loaded in a thread while the caller imports Gradio and builds the page (both take seconds); `ready()`
+        # joins it (and re-raises a loading error) before the app takes requests.
+        self._loading = concurrent.futures.ThreadPoolExecutor(1).submit(lambda: (
+            StoryPipeline.from_pretrained(self.story_source, dtype=dtype),
+            TransitionPipeline.from_pretrained(self.video_source, dtype=dtype)))
+        self.tiny = self.story_source.startswith("tiny-")
+        self.video_tiny = self.video_source.startswith("tiny-")
+        self._names = itertools.count()
+        self._lock = threading.Lock()
+
+    def ready(self) -> "StoryApp":
+        self.story_pipe, self.video_pipe = self._loading.result()
+        return self
+
+    # The CLI's defaults for this model (what `python -m infer.story` would use), shown in the form.
+    def story_defaults(self) -> dict:
+        d = vars(self.story_cli.parse_args(["--story", "-", "--out", "-"]))
+        d.update(steps=8 if self.tiny else 35, height=128 if self.tiny else 768, width=128 if self.tiny else 768)
+        return d
+
+    def video_defaults(self) -> dict:
+        d = vars(self.video_cli.parse_args(["--start", "-", "--end", "-", "--out", "-"]))
+        d.update(frames=8 if self.video_tiny else 16, steps=4 if self.video_tiny else 25)
+        return d
+
+    def _new_name(self, kind: str) -> str:
+        with self._lock:  # unique even for two requests in the same second
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            return f"{kind}-{stamp}-{next(self._names):03d}"
+
+    def _source_flags(self, video: bool) -> dict:
+        if video:
+            return {"model": self.args.video_model} if self.args.video_model else {"preset": self.video_source}
+        return {"model": self.args.model} if self.args.model else {"preset": self.story_source}
+
+    # ------------------------------------------------------------------ story
+    def run_story(self, text: str, *, style, negative, layout, height, width, steps, guidance, seed, id_length,
+                  sa32, sa64, mode, window=None, sampler=None, no_freeu=False, save_bank=False,
+                  bank_upload: str | None = None, last_bank: str | None = None, log=print) -> dict:
+        """Generate one story with the CLI's run(); returns its folder, files and bank. Raises StoryDiffError."""
+        import infer.story
+        from storydiff_jax.errors import ConfigError
+
+        if not (text or "").strip():
+            raise ConfigError("the story is empty; write characters, a blank line, then one panel per line")
+        if bank_upload and last_bank:
+            raise ConfigError("choose one bank: either upload a bank file or continue with the last saved bank")
+        load_bank = check_upload(bank_upload, "bank file", (".npz",), self.max_upload) if bank_upload else last_bank
+        name = self._new_name("story")
+        folder = os.path.join(self.out, "stories", name)
+        bank_path = os.path.join(self.out, "banks", name + ".npz") if save_bank else None
+        argv = ["--story", "(web form)", "--out", folder, "--quiet"] + _flags(
+            **self._source_flags(video=False), style=style, negative=negative, layout=layout, height=height,
+            width=width, steps=steps, guidance=guidance, seed=seed, id_length=id_length, sa32=sa32, sa64=sa64,
+            mode=mode, window=window, sampler=sampler, no_freeu=bool(no_freeu), save_bank=bank_path,
+            load_bank=load_bank)
+        args = self.story_cli.parse_args(argv)
+        infer.story.run(args, log, text=text, pipe=self.story_pipe)
+        with open(os.path.join(folder, "story.json")) as f:
+            manifest = json.load(f)
+        return {
+            "folder": folder,
+            "zip": _zip_folder(folder),
+            "panels": [(os.path.join(folder, p["file"]), p["caption"] or p["prompt"]) for p in manifest["panels"]],
+            "pages": [os.path.join(folder, p) for p in manifest["pages"]],
+            "bank": bank_path,
+            "manifest": manifest,
+        }
+
+    # ------------------------------------------------------------------ transition
+    def run_transition(self, *, start: str, end: str, prompt: str | None, frames, steps, seed, log=print) -> str:
+        """Render start -> end (image files the app chose or Gradio stored) to videos/NAME.mp4; returns it."""
+        import infer.transition
+
+        name = self._new_name("transition")
+        path = os.path.join(self.out, "videos", name + ".mp4")
+        argv = ["--start", start, "--end", end, "--out", path, "--quiet"] + _flags(
+            **self._source_flags(video=True), prompt=prompt, frames=frames, steps=steps, seed=seed)
+        infer.transition.run(self.video_cli.parse_args(argv), log, pipe=self.video_pipe)
+        return path
+
+    def story_panel_files(self, folder: str) -> tuple[list[str], list[str]]:
+        import infer.transition
+
+        return infer.transition._read_story_dir(folder)
+
+
+# ----------------------------------------------------------------------------------------------- the page
+EXAMPLE_STORY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                             "lighthouse_keepers.txt")
+
+
+def _example_text() -> str:
+    try:
+        with open(EXAMPLE_STORY, encoding="utf-8") as f:
+            return f.read()
+    except OSError:  # an installed copy without the examples folder: a small story of our own
+        return "[Ana] a girl with a red scarf\n\n[Ana] reads a book #Monday.\n[Ana] walks by the sea #Tuesday.\n"
+
+
+def _panel_choices(manifest: dict) -> list[tuple[str, int]]:
+    return [(f"{i:02d}: {(p['caption'] or p['prompt'])[:60]}", i) for i, p in enumerate(manifest["panels"])]
+
+
+def build_ui(app: StoryApp):
+    import gradio as gr
+
+    from storydiff_jax.errors import StoryDiffError
+    from storydiff_jax.story import style_names
+    from storydiff_jax.story.comic import LAYOUTS
+
+    sd, vd = app.story_defaults(), app.video_defaults()
+
+    def fail(e: Exception):
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return gr.Error(str(e), print_exception=False)
+
+    def story_event(text, style, negative, layout, height, width, steps, guidance, seed, id_length, sa32, sa64,
+                    mode, window, sampler, freeu, save_bank, bank_upload, continue_bank, state,
+                    progress=gr.Progress()):
+        state = dict(state or {})
+        lines: list[str] = []
+        last_bank = state.get("bank") if continue_bank else None
+        if continue_bank and not last_bank:
+            raise fail(StoryDiffError("no bank saved in this session yet; run a story with 'save the character "
+                                      "bank' first, or upload a bank file"))
+        try:
+            with progress_to(progress):
+                r = app.run_story(text, style=style, negative=negative, layout=layout, height=height, width=width,
+                                  steps=steps, guidance=guidance, seed=seed, id_length=id_length, sa32=sa32,
+                                  sa64=sa64, mode=mode, window=window, sampler=sampler, no_freeu=not freeu,
+                                  save_bank=save_bank, bank_upload=bank_upload, last_bank=last_bank,
+                                  log=lines.append)
+        except StoryDiffError as e:
+            raise fail(e) from None
+        state["run"] = r["folder"]
+        if r["bank"]:
+            state["bank"] = r["bank"]
+        choices = _panel_choices(r["manifest"])
+        lines.append(f"run folder: {os.path.relpath(r['folder'], app.out)} (under --out)")
+        return (r["panels"], r["pages"], r["zip"], r["bank"], "\n".join(lines), state,
+                gr.Dropdown(choices=choices, value=0), gr.Dropdown(choices=choices, value=min(1, len(choices) - 1)))
+
+    def transition_event(source, start_panel, end_panel, start_upload, end_upload, prompt, frames, steps, seed,
+                         state, progress=gr.Progress()):
+        lines: list[str] = []
+        try:
+            if source == SOURCES[0]:
+                folder = (state or {}).get("run")
+                if not folder:
+                    raise StoryDiffError("no story generated in this session yet; generate one in the Story tab "
+                                         "or upload a start and an end image")
+                files, prompts = app.story_panel_files(folder)
+                if start_panel is None or end_panel is None:
+                    raise StoryDiffError("pick a start panel and an end panel")
+                start, end = files[int(start_panel)], files[int(end_panel)]
+                if not (prompt or "").strip():
+                    prompt = prompts[int(end_panel)]        # as --story-dir: the end panel's prompt
+            else:
+                start = check_upload(start_upload, "start image", IMAGE_TYPES, app.max_upload)
+                end = check_upload(end_upload, "end image", IMAGE_TYPES, app.max_upload)
+            with progress_to(progress):
+                path = app.run_transition(start=start, end=end, prompt=prompt or None, frames=frames, steps=steps,
+                                          seed=seed, log=lines.append)
+        except StoryDiffError as e:
+            raise fail(e) from None
+        return path, [path, os.path.splitext(path)[0] + ".json"], "\n".join(lines)
+
+    SOURCES = ("panels of the last story", "uploaded images")
+    with gr.Blocks(title="StoryDiffusion (JAX)", analytics_enabled=False) as demo:
+        gr.Markdown(f"## StoryDiffusion in JAX\nstory model `{app.story_source}` · video model "
+                    f"`{app.video_source}`" + (" · *random-weight presets: the pictures are noise, every stage "
+                                                "runs*" if app.tiny or app.video_tiny else ""))
+        state = gr.State({})
+        with gr.Tab("Story"):
+            with gr.Row():
+                with gr.Column(scale=3):
+                    text = gr.Textbox(value=_example_text(), lines=14, max_lines=40, label="story",
+                                      elem_id="story-text",
+                                      info="[Name] description per character, a blank line, then one panel per line: "
+                                           "[Name] ... #caption; [NC] = no character; // comment")
+                    with gr.Row():
+                        style = gr.Dropdown(style_names(), value=sd["style"], label="style", elem_id="style")
+                        layout = gr.Dropdown(list(LAYOUTS), value=sd["layout"], label="layout", elem_id="layout")
+                        mode = gr.Radio(["bank", "window"], value=sd["mode"], label="mode", elem_id="mode")
+                    negative = gr.Textbox(value=sd["negative"], label="negative prompt (added to the style's)")
+                with gr.Column(scale=2):
+                    with gr.Row():
+                        height = gr.Number(sd["height"], precision=0, step=32, label="height", elem_id="height")
+                        width = gr.Number(sd["width"], precision=0, step=32, label="width", elem_id="width")
+                        steps = gr.Number(sd["steps"], precision=0, label="steps", elem_id="steps")
+                    with gr.Row():
+                        guidance = gr.Number(sd["guidance"], label="guidance", elem_id="guidance")
+                        seed = gr.Number(sd["seed"], precision=0, label="seed", elem_id="seed")
+                        id_length = gr.Number(None, precision=0, label="id length (empty: auto)", elem_id="id-length")
+                    with gr.Row():
+                        sa32 = gr.Slider(0, 1, sd["sa32"], step=0.05, label="sa32")
+                        sa64 = gr.Slider(0, 1, sd["sa64"], step=0.05, label="sa64")
+                    with gr.Accordion("more settings", open=False):
+                        window = gr.Number(sd["window"], precision=0, label="window (window mode)")
+                        sampler = gr.Radio(["ddim", "euler"], value=sd["sampler"], label="sampler")
+                        freeu = gr.Checkbox(not sd["no_freeu"], label="FreeU")
+                    with gr.Accordion("character bank", open=False):
+                        save_bank = gr.Checkbox(False, label="save the character bank of this run", elem_id="save-bank")
+                        continue_bank = gr.Checkbox(False, label="continue with this session's last saved bank",
+                                                    elem_id="continue-bank")
+                        bank_upload = gr.File(label="or load a bank file (.npz)", file_types=[".npz"], type="filepath")
+                    go = gr.Button("Generate story", variant="primary", elem_id="generate")
+            panels = gr.Gallery(label="panels", columns=4, elem_id="panels", height="auto")
+            pages = gr.Gallery(label="pages", columns=3, elem_id="pages", height=480, object_fit="contain")
+            with gr.Row():
+                run_zip = gr.File(label="run folder (.zip: panels, pages, story.json)", elem_id="run-zip")
+                bank_file = gr.File(label="character bank", elem_id="bank-file")
+            story_log = gr.Textbox(label="log", lines=3, elem_id="story-log")
+        with gr.Tab("Transition"):
+            with gr.Row():
+                with gr.Column():
+                    source = gr.Radio(list(SOURCES), value=SOURCES[0], label="frames from", elem_id="video-source")
+                    with gr.Row():
+                        start_panel = gr.Dropdown([], label="start panel", elem_id="start-panel")
+                        end_panel = gr.Dropdown([], label="end panel", elem_id="end-panel")
+                    with gr.Row():
+                        start_upload = gr.Image(type="filepath", sources=["upload"], label="start image")
+                        end_upload = gr.Image(type="filepath", sources=["upload"], label="end image")
+                    prompt = gr.Textbox(label="prompt (empty with panels: the end panel's prompt)")
+                    with gr.Row():
+                        frames = gr.Number(vd["frames"], precision=0, label="frames", elem_id="frames")
+                        vsteps = gr.Number(vd["steps"], precision=0, label="steps", elem_id="video-steps")
+                        vseed = gr.Number(vd["seed"], precision=0, label="seed", elem_id="video-seed")
+                    go_video = gr.Button("Generate transition", variant="primary", elem_id="generate-video")
+                with gr.Column():
+                    video = gr.Video(label="video", elem_id="video")
+                    video_files = gr.File(label="video + manifest", file_count="multiple")
+                    video_log = gr.Textbox(label="log", lines=3)
+        go.click(story_event, [text, style, negative, layout, height, width, steps, guidance, seed, id_length, sa32,
+                               sa64, mode, window, sampler, freeu, save_bank, bank_upload, continue_bank, state],
+                 [panels, pages, run_zip, bank_file, story_log, state, start_panel, end_panel],
+                 api_name="story", concurrency_id=DEVICE_QUEUE, concurrency_limit=1)
+        go_video.click(transition_event, [source, start_panel, end_panel, start_upload, end_upload, prompt, frames,
+                                          vsteps, vseed, state], [video, video_files, video_log],
+                       api_name="transition", concurrency_id=DEVICE_QUEUE, concurrency_limit=1)
+    demo.queue(default_concurrency_limit=1)
+    return demo
+
+
+def serve(args: argparse.Namespace) -> None:
+    from storydiff_jax.errors import ConfigError
+
+    out = os.path.abspath(args.out)
+    if args.port < 0 or args.port > 65535:
+        raise ConfigError(f"--port {args.port} is not a port number; use 1..65535 (or 0 for any free port)")
+    if args.max_upload_mb <= 0:
+        raise ConfigError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
+    # Gradio's upload/output cache goes under --out too (read when gradio is imported).
+    os.makedirs(out, exist_ok=True)
+    os.environ["GRADIO_TEMP_DIR"] = os.path.join(out, ".gradio")
+    app = StoryApp(args)
+    demo = build_ui(app)
+    app.ready()
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: binding {args.host}: the app is reachable from other machines", file=sys.stderr)
+    demo.launch(server_name=args.host, server_port=args.port, share=bool(args.share), ssr_mode=False,
+                max_file_size=int(args.max_upload_mb * 2**20), show_error=True, quiet=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from storydiff_jax.cli import run_command
+
+    return run_command(lambda: serve(args), interrupted="app stopped")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
