@@ -89,6 +89,11 @@ def _write_outputs(tmp: str, result, manifest: dict) -> None:
         json.dump(manifest, f, indent=2)
 
 
+def _default(value, default):
+    """An option left unset takes the model's default; an explicit 0 stays 0 (and is refused by the checks)."""
+    return default if value is None else value
+
+
 def run(args: argparse.Namespace, log=print, *, text: str | None = None, pipe=None) -> str:
     """Generate the story of `args` and write its run folder (`args.out`); returns the folder.
 
@@ -136,8 +141,9 @@ def run(args: argparse.Namespace, log=print, *, text: str | None = None, pipe=No
     if pipe is not None:
         dtype = pipe.components.dtype
     options = StoryOptions(
-        style=args.style, negative=args.negative, steps=args.steps or (8 if tiny else 35), guidance=args.guidance,
-        height=args.height or (128 if tiny else 768), width=args.width or (128 if tiny else 768), seed=args.seed,
+        style=args.style, negative=args.negative, steps=_default(args.steps, 8 if tiny else 35),
+        guidance=args.guidance, height=_default(args.height, 128 if tiny else 768),
+        width=_default(args.width, 128 if tiny else 768), seed=args.seed,
         id_length=story.id_length, sa32=args.sa32, sa64=args.sa64, mode=args.mode, window=args.window,
         layout=args.layout, sampler=args.sampler, freeu=not args.no_freeu, read_batch=args.read_batch,
         font=args.font, bank_offload=args.bank_offload)
