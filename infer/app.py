@@ -25,7 +25,8 @@ from contextlib import contextmanager
 
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_IMAGE_SIDE = 4096          # an upload larger than this is refused before it is decoded (decompression bombs)
-DEVICE_QUEUE = "device"        # one concurrency group for every generating event: one run at a time per device
+DEVICE_QUEUE = "device"
+AUTO = "auto"                  # id length left to the CLI (4, or the most the story allows)        # one concurrency group for every generating event: one run at a time per device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,22 +74,16 @@ def _cli_parser(module):
 
 
 def _flags(**values) -> list[str]:
-    """--name value pairs for the CLI parser; None (an empty field) leaves the CLI's default."""
+    """--name value pairs for the CLI parser; None (an empty field) leaves the CLI's default. Integer fields are
+    gr.Number(precision=0), which hands back ints, so argparse sees "3", not "3.0"."""
     argv = []
     for name, value in values.items():
-        if value is None:
-            continue
         flag = "--" + name.replace("_", "-")
         if value is True:
             argv.append(flag)
-        elif value is not False:
-            argv += [flag, str(int(value)) if isinstance(value, float) and value.is_integer() and name in _INTS
-                     else str(value)]
+        elif value is not None and value is not False:
+            argv.append(f"{flag}={value}")   # one token: a value starting with "-" stays a value
     return argv
-
-
-# gr.Number hands back floats; integer options must reach argparse as "3", not "3.0".
-_INTS = {"steps", "height", "width", "seed", "id_length", "window", "frames"}
 
 
 def check_upload(path: str | None, what: str, types: tuple[str, ...], max_bytes: int) -> str:
@@ -160,8 +155,11 @@ class StoryApp:
 
         import infer.story
         import infer.transition
+        from storydiff_jax import checkpoints
         from storydiff_jax.pipelines import StoryPipeline
+        from storydiff_jax.pipelines.components import PRESETS
         from storydiff_jax.pipelines.transition import TransitionPipeline
+        from storydiff_jax.pipelines.video_components import load_video_config
 
         self.args = args
         self.out = os.path.abspath(args.out)
@@ -173,6 +171,10 @@ class StoryApp:
         on_accel = jax.default_backend() != "cpu"
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[
             args.dtype or ("bfloat16" if on_accel else "float32")]
+        # A wrong model folder fails here, in a second, with the loaders' own messages (not after Gradio's import).
+        if self.story_source not in PRESETS:
+            checkpoints.read_index(self.story_source)
+        load_video_config(self.video_source)
         log(f"loading {self.story_source} and {self.video_source} ...")
         # Loaded in a thread while the caller imports Gradio and builds the page (both take seconds); `ready()`
         # joins it (and re-raises a loading error) before the app takes requests.
@@ -225,7 +227,7 @@ class StoryApp:
         name = self._new_name("story")
         folder = os.path.join(self.out, "stories", name)
         bank_path = os.path.join(self.out, "banks", name + ".npz") if save_bank else None
-        argv = ["--story", "(web form)", "--out", folder, "--quiet"] + _flags(
+        argv = ["--story=(web form)", f"--out={folder}", "--quiet"] + _flags(
             **self._source_flags(video=False), style=style, negative=negative, layout=layout, height=height,
             width=width, steps=steps, guidance=guidance, seed=seed, id_length=id_length, sa32=sa32, sa64=sa64,
             mode=mode, window=window, sampler=sampler, no_freeu=bool(no_freeu), save_bank=bank_path,
@@ -250,7 +252,7 @@ class StoryApp:
 
         name = self._new_name("transition")
         path = os.path.join(self.out, "videos", name + ".mp4")
-        argv = ["--start", start, "--end", end, "--out", path, "--quiet"] + _flags(
+        argv = [f"--start={start}", f"--end={end}", f"--out={path}", "--quiet"] + _flags(
             **self._source_flags(video=True), prompt=prompt, frames=frames, steps=steps, seed=seed)
         infer.transition.run(self.video_cli.parse_args(argv), log, pipe=self.video_pipe)
         return path
@@ -296,6 +298,7 @@ def build_ui(app: StoryApp):
                     progress=gr.Progress()):
         state = dict(state or {})
         lines: list[str] = []
+        id_length = None if id_length in (None, AUTO) else id_length   # the CLI's default: 4 or the most allowed
         last_bank = state.get("bank") if continue_bank else None
         if continue_bank and not last_bank:
             raise fail(StoryDiffError("no bank saved in this session yet; run a story with 'save the character "
@@ -368,7 +371,9 @@ def build_ui(app: StoryApp):
                     with gr.Row():
                         guidance = gr.Number(sd["guidance"], label="guidance", elem_id="guidance")
                         seed = gr.Number(sd["seed"], precision=0, label="seed", elem_id="seed")
-                        id_length = gr.Number(None, precision=0, label="id length (empty: auto)", elem_id="id-length")
+                        # A dropdown, not a number field: an empty gr.Number shows (and sends) 0 from the page.
+                        id_length = gr.Dropdown([AUTO] + [str(n) for n in range(1, 9)], value=AUTO, label="id length",
+                                                elem_id="id-length")
                     with gr.Row():
                         sa32 = gr.Slider(0, 1, sd["sa32"], step=0.05, label="sa32")
                         sa64 = gr.Slider(0, 1, sd["sa64"], step=0.05, label="sa64")
@@ -423,20 +428,24 @@ def serve(args: argparse.Namespace) -> None:
     from storydiff_jax.errors import ConfigError
 
     out = os.path.abspath(args.out)
-    if args.port < 0 or args.port > 65535:
-        raise ConfigError(f"--port {args.port} is not a port number; use 1..65535 (or 0 for any free port)")
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} is not a port number; use one in 1..65535, e.g. --port 7860")
     if args.max_upload_mb <= 0:
         raise ConfigError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
     # Gradio's upload/output cache goes under --out too (read when gradio is imported).
-    os.makedirs(out, exist_ok=True)
     os.environ["GRADIO_TEMP_DIR"] = os.path.join(out, ".gradio")
-    app = StoryApp(args)
+    app = StoryApp(args)          # checks the model folders first: a wrong one leaves no --out behind
+    os.makedirs(out, exist_ok=True)
     demo = build_ui(app)
     app.ready()
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: the app is reachable from other machines", file=sys.stderr)
-    demo.launch(server_name=args.host, server_port=args.port, share=bool(args.share), ssr_mode=False,
-                max_file_size=int(args.max_upload_mb * 2**20), show_error=True, quiet=False)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=bool(args.share), ssr_mode=False,
+                    max_file_size=int(args.max_upload_mb * 2**20), show_error=True, quiet=False)
+    except OSError as e:  # Gradio's "Cannot find empty port", or an address this machine does not have
+        raise ConfigError(f"cannot serve on {args.host}:{args.port} ({str(e).splitlines()[0]}); pass another "
+                          "--port (or --host)") from None
 
 
 def main(argv: list[str] | None = None) -> int:

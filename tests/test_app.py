@@ -94,7 +94,7 @@ def client(server):
 
 def story_inputs(text, **overrides):
     values = dict(text=text, style="none", negative="", layout="four-panel", height=128, width=128, steps=8,
-                  guidance=5.0, seed=0, id_length=None, sa32=0.5, sa64=0.5, mode="bank", window=4, sampler="ddim",
+                  guidance=5.0, seed=0, id_length="auto", sa32=0.5, sa64=0.5, mode="bank", window=4, sampler="ddim",
                   freeu=True, save_bank=False, bank_upload=None, continue_bank=False)
     values.update(overrides)
     return values
@@ -108,7 +108,7 @@ def _story_files(out):
 @pytest.fixture(scope="module")
 def first_story(server, client):
     t0 = time.perf_counter()
-    result = client.predict(**story_inputs(STORY4, id_length=2, save_bank=True, **FAST), api_name="/story")
+    result = client.predict(**story_inputs(STORY4, id_length="2", save_bank=True, **FAST), api_name="/story")
     print(f"first 4-panel story (compiles): {time.perf_counter() - t0:.1f} s")
     return result
 
@@ -163,17 +163,18 @@ def test_transition_from_story_panels(server, client, first_story):
 
 
 def test_same_seed_same_panels_and_bank_continuation(server, client, first_story):
-    again = client.predict(**story_inputs(STORY4, id_length=2, **FAST), api_name="/story")
+    again = client.predict(**story_inputs(STORY4, id_length="2", **FAST), api_name="/story")
     for a, b in zip(first_story[0], again[0]):
         assert np.array_equal(np.asarray(Image.open(a["image"])), np.asarray(Image.open(b["image"])))
     # Continue with the bank saved by the first run: Ana is not regenerated (no id panels), the run says so.
     sequel = "[Ana] a girl with a red scarf\n\n[Ana] swims in the sea #Thursday.\n[Ana] waves goodbye #Friday.\n"
-    panels, _, run_zip, _, _, *_ = client.predict(**story_inputs(sequel, continue_bank=True, **FAST),
-                                                  api_name="/story")
+    panels, _, run_zip, _, _, *_ = client.predict(**story_inputs(sequel, continue_bank=True, negative="-blurry",
+                                                               **FAST), api_name="/story")
     assert [p["caption"] for p in panels] == ["Thursday.", "Friday."]
     with zipfile.ZipFile(run_zip) as z:
         manifest = json.loads(z.read(next(n for n in z.namelist() if n.endswith("story.json"))))
     assert manifest["id_panels"] == {} and manifest["loaded_bank"].startswith(os.path.join(server.out, "banks"))
+    assert manifest["settings"]["negative"] == "-blurry"   # a value starting with "-" reaches the CLI parser intact
 
 
 def _cli_error(tmp_path, text):
@@ -192,7 +193,7 @@ def test_malformed_story_is_the_cli_error_and_writes_nothing(server, client, tmp
 
     before = _story_files(server.out)
     with pytest.raises(AppError) as err:
-        client.predict(**story_inputs(text, id_length=2, **FAST), api_name="/story")
+        client.predict(**story_inputs(text, id_length="2", **FAST), api_name="/story")
     expected = _cli_error(tmp_path, text)
     print(f"page error: {err.value}")
     assert str(err.value) == expected
@@ -217,7 +218,7 @@ def test_bad_settings_and_uploads(server, client, tmp_path):
     for overrides, words in cases:
         settings = {**FAST, **overrides}
         with pytest.raises(AppError, match=words):
-            client.predict(**story_inputs(STORY4, id_length=2, **settings), api_name="/story")
+            client.predict(**story_inputs(STORY4, id_length="2", **settings), api_name="/story")
     with pytest.raises(AppError, match="no bank saved in this session yet"):   # a new session has none
         Client(server.url, verbose=False).predict(**story_inputs(STORY4, continue_bank=True, **FAST),
                                                   api_name="/story")
@@ -241,7 +242,7 @@ def test_one_run_at_a_time_the_next_waits_in_line(server, first_story):
     clients = [Client(server.url, verbose=False, download_files=str(server.out + "-client")) for _ in range(3)]
     # Same settings as the first story: its compiled programs serve all three (another seed draws other CSA
     # token counts, i.e. other shapes, and would compile again).
-    jobs = [c.submit(**story_inputs(STORY4, id_length=2, **FAST), api_name="/story") for c in clients]
+    jobs = [c.submit(**story_inputs(STORY4, id_length="2", **FAST), api_name="/story") for c in clients]
     ranks = [set() for _ in jobs]
     while not all(j.done() for j in jobs):
         for j, seen in zip(jobs, ranks):
@@ -253,3 +254,12 @@ def test_one_run_at_a_time_the_next_waits_in_line(server, first_story):
         assert len(j.result()[0]) == 4
     print(f"queue ranks seen per job: {ranks}")
     assert max(max(r, default=-1) for r in ranks) >= 1, ranks   # someone waited behind another waiting job
+
+
+def test_wrong_model_folder_fails_before_serving(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "infer.app", "--model", str(tmp_path / "nope"), "--out", str(out),
+                           "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "no such folder" in lines[0] and "convert" in lines[0] and not out.exists()

@@ -64,7 +64,7 @@ def test_story_in_the_browser(server, browser, tmp_path):
     editor = WebDriverWait(browser, 60).until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#story-text textarea")))
     assert "[Lena]" in editor.get_attribute("value")          # pre-filled with the example story
     _type_into(editor, STORY4)
-    for field, value in (("height", "64"), ("width", "64"), ("steps", "3"), ("id-length", "2")):
+    for field, value in (("height", "64"), ("width", "64"), ("steps", "3")):   # id length stays "auto"
         _type_into(browser.find_element(By.CSS_SELECTOR, f"#{field} input"), value)
     assert browser.find_element(By.CSS_SELECTOR, "#story-text textarea").get_attribute("value") == STORY4
     browser.execute_script(RECORD_PROGRESS)
@@ -72,8 +72,8 @@ def test_story_in_the_browser(server, browser, tmp_path):
     browser.find_element(By.CSS_SELECTOR, "#generate").click()
     WebDriverWait(browser, 300).until(
         lambda d: len(d.find_elements(By.CSS_SELECTOR, "#panels img")) >= 4
-        or d.find_elements(By.CSS_SELECTOR, ".toast-body"), "no panels appeared in the gallery")
-    errors = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".toast-body")]
+        or d.find_elements(By.CSS_SELECTOR, ".toast-message-text"), "no panels appeared in the gallery")
+    errors = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".toast-message-text")]
     assert not errors, f"the page shows an error: {errors}\n{server.log()}"
     print(f"panels in the gallery after {time.perf_counter() - t0:.1f} s")
     WebDriverWait(browser, 30).until(lambda d: "run folder: stories/" in d.find_element(
@@ -97,3 +97,13 @@ def test_story_in_the_browser(server, browser, tmp_path):
     keep = os.environ.get("STORYDIFF_APP_SCREENSHOT")
     if keep:
         shutil.copyfile(shot, keep)
+
+    # A malformed story: the CLI's one-line message in the page, and no new run folder.
+    runs = sorted(os.listdir(os.path.join(server.out, "stories")))
+    _type_into(browser.find_element(By.CSS_SELECTOR, "#story-text textarea"), STORY4 + "[Cid] jumps\n")
+    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    shown = WebDriverWait(browser, 60).until(lambda d: [e.text for e in d.find_elements(
+        By.CSS_SELECTOR, ".toast-message-text") if "Cid" in e.text], "no error message appeared in the page")
+    print(f"error shown in the page: {shown}")
+    assert shown[0].startswith("line 7: unknown character [Cid]")
+    assert sorted(os.listdir(os.path.join(server.out, "stories"))) == runs
