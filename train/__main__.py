@@ -1,18 +1,112 @@
-"""`python -m train`: not yet part of this release (the transition-video model comes first)."""
+"""`python -m train`: train the Semantic Motion Predictor (+ IP-Adapter image branch, motion modules); export."""
+
+from __future__ import annotations
 
 import argparse
 import sys
 
+from storydiff_jax.cli import run_command
+
+DESCRIPTION = """\
+Train the transition-video model's Semantic Motion Predictor together with IP-Adapter-Plus's image projection
+and to_k_ip/to_v_ip layers and the AnimateDiff motion modules (--freeze motion keeps those fixed); the SD1.5
+U-Net, VAE, text encoder and CLIP image encoder stay frozen. Loss: epsilon-prediction MSE over all frames,
+with text and image-token dropout for classifier-free guidance; AdamW, warmup + cosine/constant schedule,
+global-norm clipping; batches sharded over a `data` (+ `fsdp`) mesh; orbax checkpoints (params, optimizer,
+step, RNG and the data iterator) that resume exactly, also after SIGKILL; SIGTERM saves before exiting.
+
+commands:
+  smp     train (or resume, when --workdir holds this run) on a clip folder
+  export  write a run's newest checkpoint as a converted video folder for `python -m infer.transition --model`
+
+Data today: a clip folder (index.json + one .npz of uint8 [T, H, W, 3] frames per clip), as written by
+train.data.write_clip_folder. Still to come: the WebVid TFDS builder (array_record) and a feature cache."""
+
+
+def _smp_parser(sub):
+    p = sub.add_parser("smp", help="train the SMP (+ image projection, IP layers, motion modules)",
+                       description="Train or resume a run. All settings except --mesh, --save-every, --keep, "
+                                   "--log-every must match when resuming in the same --workdir.")
+    p.add_argument("--data-dir", required=True, help="clip folder (index.json + clips/*.npz)")
+    p.add_argument("--workdir", required=True, help="checkpoints, logs and TensorBoard events of this run")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="CONVERTED_DIR", help="folder written by `python -m convert video`")
+    src.add_argument("--preset", choices=("tiny-video", "video"), help="random-weight model of that shape")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8, help="global batch, over all devices and hosts")
+    p.add_argument("--frames", type=int, default=16, help="frames per clip (L); the SMP sees the first and last")
+    p.add_argument("--resolution", type=int, default=256, help="square frame side (multiple of the latent stride)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4, the paper's)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
+    p.add_argument("--weight-decay", type=float, default=1e-2)
+    p.add_argument("--clip-norm", type=float, default=1.0, help="global-norm gradient clipping")
+    p.add_argument("--text-drop", type=float, default=0.1, help="probability of an empty caption (CFG)")
+    p.add_argument("--image-drop", type=float, default=0.1, help="probability of unconditional image tokens (CFG)")
+    p.add_argument("--freeze", action="append", choices=("motion",), default=[],
+                   help="--freeze motion: keep the motion modules fixed")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype (trained params stay float32)")
+    p.add_argument("--remat", action="store_true", help="recompute U-Net activations in the backward pass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh", default="data=auto", help="e.g. data=8 or data=2,fsdp=4 (default: all devices on data)")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    p.add_argument("--log-every", type=int, default=10, help="metrics every N steps")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: jax.distributed.initialize() (from the cluster's environment, or the "
+                        "three options below)")
+    p.add_argument("--coordinator", help="host:port of process 0 (with --distributed)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    p.add_argument("--quiet", action="store_true", help="no progress bar; metrics as log lines")
+    return p
+
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m train",
-        description="Training of the Semantic Motion Predictor + video U-Net on WebVid. Not available yet in this "
-                    "release: it builds on the transition-video model, which comes first. Today you can convert "
-                    "checkpoints (python -m convert) and generate comics (python -m infer.story).")
-    parser.parse_args(argv)
-    print("error: training is not available in this release yet; see README.md for what is", file=sys.stderr)
-    return 2
+    parser = argparse.ArgumentParser(prog="python -m train", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="{smp,export}")
+    _smp_parser(sub)
+    e = sub.add_parser("export", help="newest checkpoint of a run -> converted video folder",
+                       description="Write the trained SMP / image projection / IP layers / motion modules with the "
+                                   "run's frozen parts as a folder that `python -m infer.transition --model` reads.")
+    e.add_argument("--workdir", required=True)
+    e.add_argument("--dst", required=True, metavar="MODEL_DIR")
+    e.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "export":
+        from .export import export
+
+        return run_command(lambda: export(args.workdir, args.dst, overwrite=args.overwrite),
+                           interrupted="export stopped; nothing was written")
+
+    def work():
+        from .config import TrainConfig
+        from .loop import train
+
+        if args.distributed:
+            import jax
+
+            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        cfg = TrainConfig(model=args.model or args.preset or "tiny-video", data_dir=args.data_dir, steps=args.steps,
+                          batch_size=args.batch_size, frames=args.frames, resolution=args.resolution, lr=args.lr,
+                          warmup=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,
+                          clip_norm=args.clip_norm, text_drop=args.text_drop, image_drop=args.image_drop,
+                          freeze_motion="motion" in args.freeze, dtype=args.dtype, remat=args.remat, seed=args.seed,
+                          mesh=args.mesh, save_every=args.save_every, keep=args.keep, log_every=args.log_every)
+        summary = train(cfg, args.workdir, progress=not args.quiet)
+        if summary["preempted"]:
+            raise SystemExit(143)   # 128 + SIGTERM: the scheduler sees a preempted, resumable run
+        m = summary["metrics"]
+        print(f"trained to step {summary['step']} in {args.workdir}"
+              + (f": loss {m['loss']:.5f}" if m else "") + f"; export with `python -m train export --workdir "
+              f"{args.workdir} --dst MODEL_DIR`")
+
+    return run_command(work, interrupted="training stopped; resume from the last checkpoint with the same command")
 
 
 if __name__ == "__main__":

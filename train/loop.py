@@ -1,0 +1,311 @@
+"""`python -m train smp`: the training loop around `step.Trainer`.
+
+A run lives in its workdir:
+
+    WORKDIR/run.json                 the run's settings (a different run refuses to resume here)
+    WORKDIR/checkpoints/<step>/      orbax: `state` (params, Adam moments, step, RNG key) + `data` (the grain
+                                     iterator, one file per process); async saves, the newest `keep` kept
+    WORKDIR/examples-p<i>.log        `step<TAB>id,id,...`: the clips process i fed to each step
+    WORKDIR/tensorboard/             event files (process 0)
+
+Resuming restores the newest complete checkpoint; orbax writes a step under a temporary name and renames
+it when complete, so a run killed at any moment (SIGKILL included) resumes from the last whole one and
+redoes the steps after it with the same data and the same randomness: the params reached at any step are
+bit-identical to an uninterrupted run's. SIGTERM (a preemption notice) saves the current step first.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from storydiff_jax.errors import CheckpointError, ConfigError
+
+from .config import TrainConfig, claim_workdir
+
+# Dense bf16 peak TFLOP/s per chip, by `device_kind` prefix (vendor datasheets). MFU is reported against
+# this; unknown kinds (CPUs, anything not listed) show "n/a".
+PEAK_TFLOPS = {
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
+    "TPU v6 lite": 918.0, "TPU v6e": 918.0, "TPU7x": 2307.0,
+    "NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA H800": 989.0, "NVIDIA GH200": 989.0,
+    "NVIDIA A100": 312.0, "NVIDIA B200": 2250.0, "NVIDIA L4": 121.0, "NVIDIA A10G": 70.0,
+}
+
+
+def peak_tflops(device_kind: str) -> float | None:
+    for prefix in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if device_kind.startswith(prefix):
+            return PEAK_TFLOPS[prefix]
+    return None
+
+
+@dataclass
+class Preemption:
+    """SIGTERM sets `requested`; the loop saves the current step and stops at the next step boundary."""
+    requested: bool = False
+    previous: object = field(default=None, repr=False)
+
+    def __enter__(self):
+        def handler(signum, frame):
+            self.requested = True
+        try:
+            self.previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:   # not the main thread (e.g. called from a UI worker): no handler
+            self.previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+class ExampleLog:
+    """Which clips each step consumed, one line per step; on resume, lines of steps not in the checkpoint
+    are dropped first (those steps run again with the same examples)."""
+
+    def __init__(self, workdir: str, process: int, resume_step: int):
+        self.path = os.path.join(workdir, f"examples-p{process}.log")
+        kept = []
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and int(line.split("\t", 1)[0]) < resume_step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+        self.file = open(self.path, "a")
+
+    def write(self, step: int, ids) -> None:
+        self.file.write(f"{step}\t{','.join(str(i) for i in ids)}\n")
+        self.file.flush()   # reaches the OS before the step runs: survives a SIGKILL of this process
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_example_log(path: str) -> list[tuple[int, list[str]]]:
+    with open(path) as f:
+        return [(int(s), ids.split(",")) for s, ids in (line.rstrip("\n").split("\t", 1) for line in f if line.strip())]
+
+
+def checkpoint_manager(workdir: str, cfg: TrainConfig, *, read_only: bool = False):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=not read_only,
+                                           read_only=read_only, create=not read_only)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options,
+                                 item_names=("state", "data"))
+
+
+def restore_state(manager, step: int, abstract_state, iterator=None):
+    """The `state` (and, given an iterator, the data position) saved at `step`."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    if iterator is not None:
+        args["data"] = grain.checkpoint.CheckpointRestore(iterator)
+    try:
+        return manager.restore(step, args=ocp.args.Composite(**args))["state"]
+    except Exception as e:   # orbax raises many kinds; the message's first line says which part
+        raise CheckpointError(f"checkpoint {step} in {manager.directory} cannot be restored "
+                              f"({str(e).splitlines()[0][:200]}); delete it to resume from the one before") from None
+
+
+def read_state(workdir: str, step: int) -> dict:
+    """The `state` saved at `step`, as arrays on this process's first device, whatever mesh saved it
+    (export, tests)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.path.join(workdir, "checkpoints", str(step), "state"))
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        meta = checkpointer.metadata(path)
+        meta = getattr(meta, "item_metadata", meta)
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), meta)
+        return checkpointer.restore(path, target)
+    except Exception as e:
+        raise CheckpointError(f"{path}: checkpoint cannot be read ({str(e).splitlines()[0][:200]}); export an "
+                              "earlier step or train again") from None
+
+
+def step_flops(compiled) -> float | None:
+    """FLOPs of one compiled train step on one device, from XLA's cost analysis of the program (an
+    analytic count over its HLO, not a measurement); None where the backend gives none."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:   # some backends do not implement it
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+@dataclass
+class Meter:
+    """Throughput over the steps since the last report."""
+    devices: int
+    per_step_examples: int
+    flops_per_device: float | None
+    peak: float | None
+    t0: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+
+    def tick(self):
+        self.steps += 1
+
+    def report(self) -> dict[str, float | None]:
+        now = time.perf_counter()
+        dt, n = max(now - self.t0, 1e-9), self.steps
+        self.t0, self.steps = now, 0
+        sps = n / dt
+        tflops = self.flops_per_device * sps / 1e12 if self.flops_per_device else None
+        return {"steps_per_s": sps, "examples_per_s_per_device": sps * self.per_step_examples / self.devices,
+                "tflops_per_device": tflops,
+                "mfu": tflops / self.peak if tflops is not None and self.peak else None}
+
+
+def _fmt(v, spec):
+    return "n/a" if v is None else format(v, spec)
+
+
+def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print) -> dict:
+    """Run (or resume) the training run `cfg` in `workdir` up to `cfg.steps`. Returns a summary."""
+    import grain
+    import jax
+    import orbax.checkpoint as ocp
+
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from storydiff_jax.pipelines.video_components import PRESETS, load_video_components, load_video_config
+
+    from .data import make_loader, open_source
+    from .step import Trainer, check_batch, check_settings, global_batch, learning_rate, make_mesh, parse_mesh, put, split_params
+
+    timings = {}
+    t0 = time.perf_counter()
+    # Everything that can be wrong with the input is checked before the workdir is touched.
+    source = open_source(cfg.data_dir)
+    config = load_video_config(cfg.model)
+    sizes = parse_mesh(cfg.mesh, jax.device_count())
+    check_batch(cfg.batch_size, sizes, jax.process_count())
+    mesh = make_mesh(sizes)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir} exists and is not a folder; choose another --workdir")
+    check_settings(cfg, config)
+    resuming = claim_workdir(workdir, cfg)   # the last input check: a workdir of another run
+    components = load_video_components(cfg.model)
+    # A converted folder's trained SMP is fine-tuned; presets (random weights) and folders without one
+    # start from the training initialisation (the SMP = plain interpolation).
+    trainable, frozen, config = split_params(components, cfg,
+                                             smp_from_model=cfg.model not in PRESETS and components.smp is not None)
+    trainer = Trainer.build(cfg, config, components.tokenizer)
+
+    manager = checkpoint_manager(workdir, cfg)
+    state = trainer.init_state(trainable)
+    state_sh, frozen_sh, _ = trainer.shardings(mesh, state, frozen)
+    frozen = put(frozen, frozen_sh)
+    loader = make_loader(source, per_host_batch=cfg.batch_size // jax.process_count(), seed=cfg.seed,
+                         num_frames=cfg.frames, resolution=cfg.resolution, tokenizer=components.tokenizer)
+    iterator = iter(loader)
+    start = manager.latest_step() if resuming else None
+    if start is not None:
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+        state = restore_state(manager, start, abstract, iterator)
+        log(f"resumed {workdir} at step {start}")
+    else:
+        start = 0
+        state = put(state, state_sh)
+    del components, trainable
+    if start >= cfg.steps:
+        manager.close()
+        log(f"{workdir} is already at step {start} of {cfg.steps}; nothing to do")
+        return {"step": start, "preempted": False, "metrics": {}, "history": [], "flops_per_step_per_device": None,
+                "device_kind": jax.devices()[0].device_kind, "timings": timings}
+    timings["load_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+
+    first = next(iterator)
+    batch = global_batch(first, mesh)
+    scalar = NamedSharding(mesh, PartitionSpec())
+    compiled = trainer.compiled_step(mesh, state, frozen, batch)
+    timings["compile_s"] = time.perf_counter() - t0
+    log(f"model and state ready in {timings['load_s']:.1f}s, step compiled in {timings['compile_s']:.1f}s "
+        f"({jax.device_count()} devices, mesh {dict(mesh.shape)})")
+    device = jax.devices()[0]
+    meter = Meter(jax.device_count(), cfg.batch_size, step_flops(compiled), peak_tflops(device.device_kind))
+
+    writer = None
+    if jax.process_index() == 0:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    examples = ExampleLog(workdir, jax.process_index(), start)
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, desc="train smp", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    last: dict = {}
+    history: list[dict] = []
+    step = start
+    stopped = False
+
+    def save(step, force=False):
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   data=grain.checkpoint.CheckpointSave(iterator)), force=force)
+
+    local = first
+    with Preemption() as preempt:
+        try:
+            while step < cfg.steps:
+                if local is None:
+                    local = next(iterator)
+                examples.write(step, local["id"])
+                lr = np.float32(learning_rate(cfg, step))
+                state, metrics = compiled(state, frozen, global_batch(local, mesh),
+                                          jax.device_put(lr, scalar))
+                local = None
+                step += 1
+                meter.tick()
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    last = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                            "lr": float(lr), **meter.report()}
+                    history.append({"step": step, **last})
+                    bar.set_postfix_str(f"loss {last['loss']:.4f} lr {last['lr']:.2e} "
+                                        f"{last['steps_per_s']:.2f} step/s")
+                    if writer is not None:
+                        for k, v in last.items():
+                            if v is not None:
+                                writer.add_scalar(f"train/{k}", v, step)
+                    if not progress:
+                        log(f"step {step}: loss {last['loss']:.5f} grad_norm {last['grad_norm']:.4f} lr "
+                            f"{last['lr']:.3e} steps/s {last['steps_per_s']:.3f} examples/s/device "
+                            f"{last['examples_per_s_per_device']:.3f} TFLOP/s/device "
+                            f"{_fmt(last['tflops_per_device'], '.4f')} MFU {_fmt(last['mfu'], '.2%')}")
+                due = step % cfg.save_every == 0 or step == cfg.steps
+                if due or preempt.requested:
+                    save(step, force=not due)
+                if preempt.requested and step < cfg.steps:
+                    stopped = True
+                    break
+        finally:
+            bar.close()
+            examples.close()
+            if writer is not None:
+                writer.close()
+            manager.wait_until_finished()
+            manager.close()
+    if stopped:
+        log(f"SIGTERM: saved step {step} in {workdir}; run the same command to resume")
+    return {"step": step, "preempted": stopped, "metrics": last, "history": history, "flops_per_step_per_device": meter.flops_per_device,
+            "device_kind": device.device_kind, "timings": timings}
