@@ -3,7 +3,7 @@
 #
 #   bash bench/run_gpu.sh            # all of them (story, transition, parity, convert)
 #   bash bench/run_gpu.sh story      # one of: story | story-bank | story-window | story-torch | story-scaling
-#                                    #         | transition | parity | parity-video | convert
+#                                    #         | transition | parity | parity-video | csa | convert
 #
 # `story` runs the three story modes and the window scaling, then writes the table. The story-* steps run
 # one part each (handy under a per-command time limit) and keep their result in out/bench/story/; a
@@ -25,6 +25,8 @@ story_scaling() { "$PY" bench/story.py "${STORY_ARGS[@]}" --modes "" --window-sc
 transition()    { "$PY" bench/transition.py --preset video --height 512 --width 512 --frames 16 --steps 25 \
                       --out docs/bench_transition.md; }
 parity()        { "$PY" bench/parity_full.py --out docs/parity.md; }   # sd15, sdxl and the video U-Net
+# CSA write call on full-size SDXL, compile only: FLOPs and temp memory, CSA vs plain (runs on CPU too).
+csa()           { "$PY" bench/csa_cost.py --preset sdxl --size 1024 --ids 4 --out docs/bench_csa.md; }
 parity_video()  { "$PY" bench/parity_full.py --arch video --out docs/parity.md; }
 convert() {
   {
@@ -46,8 +48,9 @@ case "${1:-all}" in
   transition) transition ;;
   parity) parity ;;
   parity-video) parity_video ;;
+  csa) csa ;;
   convert) convert ;;
   all) story; transition; parity; convert ;;
-  *) echo "usage: bash bench/run_gpu.sh [all|story|story-bank|story-window|story-torch|story-scaling|transition|parity|parity-video|convert]" >&2
+  *) echo "usage: bash bench/run_gpu.sh [all|story|story-bank|story-window|story-torch|story-scaling|transition|parity|parity-video|csa|convert]" >&2
      exit 2 ;;
 esac

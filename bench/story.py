@@ -157,7 +157,7 @@ def resolve_dtype(name: str, gpu: bool) -> str:
 
 def _settings_key(args, mode: str) -> str:
     fields = {k: getattr(args, k) for k in ("preset", "height", "width", "steps", "panels", "id_length", "characters",
-                                            "window", "read_batch", "dtype", "seed", "repeat", "bank_offload")}
+                                            "window", "chunk", "read_batch", "dtype", "seed", "repeat", "bank_offload")}
     fields["mode"] = mode
     if mode == "torch":
         fields["torch_threads"] = args.torch_threads
@@ -215,23 +215,25 @@ def window_scaling(pipe, options, story, panel_counts) -> dict:
 
     o, cfg = options, pipe.config
     sampler = make_sampler(o.sampler, cfg.scheduler, o.steps)
-    h, w = o.height // cfg.vae.downscale, o.width // cfg.vae.downscale
-    layer_tokens = csa.csa_layers(cfg.unet, (h, w))
+    h, w_lat = o.height // cfg.vae.downscale, o.width // cfg.vae.downscale
+    layer_tokens = csa.csa_layers(cfg.unet, (h, w_lat))
     freeu = FreeU() if o.freeu else None
     n_chars = max(1, len(story.characters))
     dt = pipe.components.dtype
     out = {}
     for panels in panel_counts:
-        group = max(1, min(o.window, panels))
-        groups = -(-panels // group)
-        run = pipe._window_program(sampler, layer_tokens, freeu, group, (o.height, o.width), o.csa())
+        # Chunks of --chunk panels (the window program's unit), the last W-1 panels' inputs carried.
+        w = max(1, min(o.window, panels))
+        chunk = max(w, min(o.chunk or 8, panels))
+        chunks = -(-panels // chunk)
+        run = pipe._window_program(sampler, layer_tokens, freeu, w, chunk, (o.height, o.width), o.csa())
         spec = jax.ShapeDtypeStruct
         args = (pipe._unet_state,
-                spec((groups, group, h, w, cfg.unet.in_channels), jnp.float32),
-                spec((groups, 2 * group, 77, cfg.unet.cross_attention_dim), dt),
-                spec((groups, 2 * group, cfg.unet.text_embeds_dim), dt),
+                spec((chunks, chunk, h, w_lat, cfg.unet.in_channels), jnp.float32),
+                spec((chunks, 2 * chunk, 77, cfg.unet.cross_attention_dim), dt),
+                spec((chunks, 2 * chunk, cfg.unet.text_embeds_dim), dt),
                 spec((1, 6), jnp.float32), spec((), jnp.float32),
-                spec((groups, group, n_chars), jnp.bool_), jax.random.key(0))
+                spec((chunks, chunk, n_chars), jnp.bool_), spec((), jnp.int32), jax.random.key(0))
         t0 = time.perf_counter()
         ma = run.lower(*args).compile().memory_analysis()
         out[str(panels)] = {"temp": int(ma.temp_size_in_bytes), "argument": int(ma.argument_size_in_bytes),
@@ -260,7 +262,8 @@ def jax_worker(args, mode: str) -> dict:
                                                  key[0] if isinstance(key, tuple) else key)
     text = synthetic_story(args.characters, args.id_length, args.panels)
     options = StoryOptions(steps=args.steps, height=args.height, width=args.width, seed=args.seed,
-                           id_length=args.id_length, mode=mode, window=args.window, read_batch=args.read_batch,
+                           id_length=args.id_length, mode=mode, window=args.window, chunk=args.chunk,
+                           read_batch=args.read_batch,
                            bank_offload=args.bank_offload)
     story = parse_story(text, id_length=args.id_length)
     analysis = not gpu or args.analysis
@@ -308,7 +311,7 @@ def scaling_worker(args) -> dict:
     pipe = StoryPipeline.from_pretrained(args.preset, dtype=getattr(jnp, dtype), seed=args.seed)
     story = parse_story(synthetic_story(args.characters, args.id_length, args.panels), id_length=args.id_length)
     options = StoryOptions(steps=args.steps, height=args.height, width=args.width, seed=args.seed,
-                           id_length=args.id_length, mode="window", window=args.window)
+                           id_length=args.id_length, mode="window", window=args.window, chunk=args.chunk)
     return {"mode": "scaling", "framework": "jax", "backend": dev.platform, "device": dev.device_kind,
             "dtype": dtype, "scaling": window_scaling(pipe, options, story, args.scaling_panels)}
 
@@ -556,7 +559,9 @@ def parse_args(argv=None):
     p.add_argument("--id-length", type=int, default=4, help="id panels per character")
     p.add_argument("--characters", type=int, default=1)
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of bank,window,torch")
-    p.add_argument("--window", type=int, default=4, help="window mode group size")
+    p.add_argument("--window", type=int, default=4, help="window mode: panels per sliding window")
+    p.add_argument("--chunk", type=int, default=None, help="window mode: panels per chunk (default: all; the "
+                   "scaling measurement uses 8)")
     p.add_argument("--read-batch", type=int, default=4, help="bank mode: read panels per program call")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="JAX dtype (auto: the reference's, float16 on GPU, float32 on CPU)")

@@ -10,7 +10,7 @@ serves every step). Three schedules use it:
   the character's *bank* for that step.
 * **read** (every other panel): own tokens plus the stored bank tokens of every character the panel
   names; `[NC]` panels name none, which is exactly plain attention.
-* **window** (the paper's batch mode for long stories): see `WindowHook`.
+* **window** (the paper's Algorithm 1 for long stories): see `WindowHook` and `window_draws`.
 
 Official details reproduced (see docs/consistent_self_attention.md): only the up blocks' attn1 layers
 use it; per step and per resolution one Bernoulli token selection (rate `sa32` at 1/32 of the image
@@ -33,10 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .models.unet import UNetConfig
-from .nn.attention import Attention, dot_product_attention
-
-_NEG = jnp.finfo(jnp.float32).min
-
+from .nn.attention import Attention, attention_with_lengths
 
 @dataclass(frozen=True)
 class CSASettings:
@@ -82,17 +79,40 @@ class WriteSchedule:
 
     selection[L]: [steps, n * L] bool token selections per resolution (token count L);
     index[L] / valid[L]: [steps, K_L] the selected positions compacted to a fixed K_L (padding
-    invalid), i.e. which tokens enter the bank; flips: [steps, n_layers] bool.
+    invalid), i.e. which tokens enter the bank; others[L] / others_len[L]: [steps, n, C_L] and
+    [steps, n] for each query image the selected positions of the *other* images, compacted to a
+    fixed C_L (the keys it adds to its own L); flips: [steps, n_layers] bool.
     """
     selection: dict[int, np.ndarray]
     index: dict[int, np.ndarray]
     valid: dict[int, np.ndarray]
+    others: dict[int, np.ndarray]
+    others_len: dict[int, np.ndarray]
     flips: np.ndarray
+
+
+def compact_others(selection: np.ndarray, n: int, capacity: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """selection [n * L] bool -> ([n, capacity] positions of the selected tokens of the images other than
+    each query image, padded with 0; [n] how many are real). capacity None: the most any image needs."""
+    sel = np.asarray(selection, bool).reshape(n, -1)
+    L = sel.shape[1]
+    lists = [np.flatnonzero(np.delete(sel, a, axis=0).ravel()) for a in range(n)]
+    # np.delete shifted the later images down by one image: map back to positions in the n * L sequence.
+    lists = [np.where(pos >= a * L, pos + L, pos) for a, pos in enumerate(lists)]
+    lengths = np.array([len(p) for p in lists], np.int32)
+    cap = max(1, int(lengths.max(initial=0))) if capacity is None else capacity
+    if lengths.max(initial=0) > cap:
+        raise ValueError(f"capacity {cap} < {lengths.max()} selected tokens")
+    out = np.zeros((n, cap), np.int32)
+    for a, pos in enumerate(lists):
+        out[a, : len(pos)] = pos
+    return out, lengths
 
 
 def draw_write_schedules(seed: int, n_chars: int, n_images: int, steps: int, layer_tokens: list[int],
                          image_hw: tuple[int, int], settings: CSASettings) -> list[WriteSchedule]:
-    """One WriteSchedule per character, with a bank size K_L shared by all (so banks stack)."""
+    """One WriteSchedule per character, with capacities K_L and C_L shared by all (so banks stack and one
+    compiled write program serves every character)."""
     rng = np.random.default_rng([seed, 0x5A])
     resolutions = sorted(set(layer_tokens))
     selections = []
@@ -100,9 +120,11 @@ def draw_write_schedules(seed: int, n_chars: int, n_images: int, steps: int, lay
         sel = {L: rng.random((steps, n_images * L)) < sampling_rate(L, image_hw, settings) for L in resolutions}
         selections.append((sel, draw_flips(rng, steps, len(layer_tokens), settings)))
     capacity = {L: max([1] + [int(s[L].sum(1).max()) for s, _ in selections]) for L in resolutions}
+    other_cap = {L: max([1] + [compact_others(s[L][t], n_images)[1].max() for s, _ in selections
+                               for t in range(steps)]) for L in resolutions}
     out = []
     for sel, flips in selections:
-        index, valid = {}, {}
+        index, valid, others, others_len = {}, {}, {}, {}
         for L in resolutions:
             idx = np.zeros((steps, capacity[L]), np.int32)
             ok = np.zeros((steps, capacity[L]), bool)
@@ -111,7 +133,10 @@ def draw_write_schedules(seed: int, n_chars: int, n_images: int, steps: int, lay
                 idx[t, : len(where)] = where
                 ok[t, : len(where)] = True
             index[L], valid[L] = idx, ok
-        out.append(WriteSchedule(sel, index, valid, flips))
+            pairs = [compact_others(sel[L][t], n_images, int(other_cap[L])) for t in range(steps)]
+            others[L] = np.stack([p for p, _ in pairs])
+            others_len[L] = np.stack([c for _, c in pairs])
+        out.append(WriteSchedule(sel, index, valid, others, others_len, flips))
     return out
 
 
@@ -143,15 +168,32 @@ class _LayerCounter:
         return layer
 
 
+def _kv(attn: Attention, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _heads(attn, attn.to_k(x)), _heads(attn, attn.to_v(x))
+
+
+def _attend(attn: Attention, q, keys, values, lengths) -> jax.Array:
+    """Queries [R, L, H, D] over keys/values [R, S, H, D] of which row r uses the first lengths[r]."""
+    out = attention_with_lengths(q, keys, values, lengths, own=q.shape[1])     # own tokens come first
+    return attn.to_out[0](out.reshape(*out.shape[:2], -1))
+
+
 class WriteHook(_LayerCounter):
     """Id images of one character, batch [uncond x n, cond x n]; collects the bank for this step.
 
-    selection / index: {L: this step's [n*L] bool selection and [K_L] bank positions}; flips: [n_layers].
+    index: {L: this step's [K_L] bank positions in the n*L sequence of a CFG half};
+    others / others_len: {L: [n, C_L] positions of the tokens each image adds from the other images,
+    [n] how many are real} (see `compact_others`); flips: [n_layers].
+
+    Each image's keys are its own L tokens followed by the compacted selected tokens of the other id
+    images: the same key set as the official n*L x n*L mask (query of image a sees token j iff j is in
+    image a or selected), without computing the masked-out logits. Keys/values are projected once per
+    token and then gathered.
     """
 
-    def __init__(self, layer_tokens, selection, index, flips):
+    def __init__(self, layer_tokens, index, others, others_len, flips):
         super().__init__(layer_tokens)
-        self.selection, self.index, self.flips = selection, index, flips
+        self.index, self.others, self.others_len, self.flips = index, others, others_len, flips
         self.bank: list[jax.Array] = []
 
     def __call__(self, attn: Attention, x: jax.Array) -> jax.Array:
@@ -161,12 +203,16 @@ class WriteHook(_LayerCounter):
         # Official layout: each CFG half's n images form one sequence of n*L tokens.
         halves = x.reshape(2, n * L, C)
         self.bank.append(jnp.take(halves, self.index[L], axis=1))          # [2, K_L, C], stored every step
-        q, k, v = (_heads(attn, proj(halves)) for proj in (attn.to_q, attn.to_k, attn.to_v))
-        image = jnp.arange(n * L) // L
-        own = image[:, None] == image[None, :]
-        mask = own | (self.selection[L][None, :] & self.flips[layer])   # query token x key token
-        out = dot_product_attention(q, k, v, mask[None, None], backend="xla")
-        return attn.to_out[0](out.reshape(2, n * L, -1)).reshape(rows, L, -1)
+        q = _heads(attn, attn.to_q(x))
+        k, v = _kv(attn, halves)                                            # [2, n*L, H, D]
+
+        def keys(t):
+            own = t.reshape(2, n, L, *t.shape[2:])
+            extra = jnp.take(t, self.others[L], axis=1)                      # [2, n, C_L, H, D]
+            return jnp.concatenate([own, extra], axis=2).reshape(rows, -1, *t.shape[2:])
+
+        lengths = L + jnp.where(self.flips[layer], self.others_len[L], 0)  # "plain" flip: own tokens only
+        return _attend(attn, q, keys(k), keys(v), jnp.tile(lengths, 2))
 
 
 class ReadHook(_LayerCounter):
@@ -174,6 +220,7 @@ class ReadHook(_LayerCounter):
 
     bank: per layer [chars, 2, K_L, C] for this step; valid: {L: [chars, K_L]};
     panel_chars: [B, chars] bool (which banks each panel reads); flips: [B, n_layers].
+    Keys of a panel: its own L tokens, then the valid bank tokens of the characters it names, compacted.
     """
 
     def __init__(self, layer_tokens, bank, valid, panel_chars, flips):
@@ -185,55 +232,104 @@ class ReadHook(_LayerCounter):
         layer = self.take(rows, L)
         b = rows // 2
         chars, _, k_cap, _ = self.bank[layer].shape
-        halves = x.reshape(2, b, L, C)
-        q, k, v = (_heads(attn, proj(halves)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        q = _heads(attn, attn.to_q(x))
+        k, v = _kv(attn, x)
         stored = jnp.swapaxes(self.bank[layer], 0, 1).reshape(2, chars * k_cap, C).astype(x.dtype)
-        kb, vb = _heads(attn, attn.to_k(stored)), _heads(attn, attn.to_v(stored))   # shared by the half's rows
+        kb, vb = _kv(attn, stored)                           # projected once, shared by the half's rows
         use = (self.panel_chars[:, :, None] & self.valid[L][None]).reshape(b, chars * k_cap)
-        use = use & self.flips[:, layer][:, None]
-        scale = attn.dim_head ** -0.5
-        own_logits = jnp.einsum("gbqhd,gbkhd->gbhqk", q, k, preferred_element_type=jnp.float32) * scale
-        bank_logits = jnp.einsum("gbqhd,gshd->gbhqs", q, kb, preferred_element_type=jnp.float32) * scale
-        bank_logits = jnp.where(use[None, :, None, None, :], bank_logits, _NEG)
-        weights = jax.nn.softmax(jnp.concatenate([own_logits, bank_logits], axis=-1), axis=-1).astype(v.dtype)
-        out = (jnp.einsum("gbhqk,gbkhd->gbqhd", weights[..., :L], v)
-               + jnp.einsum("gbhqs,gshd->gbqhd", weights[..., L:], vb))
-        return attn.to_out[0](out.reshape(2, b, L, -1)).reshape(rows, L, -1)
+        order = jnp.argsort(~use, axis=1, stable=True)      # each panel's used bank slots first
+        lengths = L + jnp.where(self.flips[:, layer], use.sum(1), 0)
+
+        def keys(own, banked):
+            extra = jnp.take(banked, order, axis=1)          # [2, b, chars*K, H, D]
+            return jnp.concatenate([own.reshape(2, b, L, *own.shape[2:]), extra], axis=2).reshape(
+                rows, -1, *own.shape[2:])
+
+        return _attend(attn, q, keys(k, kb), keys(v, vb), jnp.tile(lengths, 2))
+
+
+def window_tokens(L: int, rate: float) -> int:
+    """Tokens a panel contributes to a window at sampling rate `rate`: a fixed count, so shapes are static."""
+    return int(round(rate * L))
+
+
+def window_draws(key: jax.Array, step, starts: jax.Array, window: int, layer_tokens: list[int],
+                 rates: dict[int, float], p_csa: jax.Array):
+    """Selections and coin flips of the windows starting at `starts` [P] (global panel indices), at `step`.
+
+    Each window's draws come from fold_in(fold_in(key, step), start): nothing host-side grows with the
+    story, and a window draws the same wherever the chunking puts it. Returns ({L: [P, window, k_L]
+    int32 token positions, each row a uniform random subset of k_L = round(rate * L) of the panel's L
+    tokens}, [P, n_layers] bool: CSA (True) or plain attention for that window and layer).
+    """
+    resolutions = sorted(rates)
+
+    def one(start):
+        k = jax.random.fold_in(jax.random.fold_in(key, step), jnp.maximum(start, 0))
+        keys = jax.random.split(k, len(resolutions) + 1)
+        sel = {}
+        for j, L in enumerate(resolutions):
+            count = window_tokens(L, rates[L])
+            scores = jax.random.uniform(keys[j], (window, L))
+            sel[L] = jax.lax.top_k(scores, count)[1].astype(jnp.int32) if count else jnp.zeros((window, 0), jnp.int32)
+        flips = jax.random.uniform(keys[-1], (len(layer_tokens),)) < jnp.asarray(p_csa)[step]
+        return sel, flips
+
+    return jax.vmap(one)(starts)
 
 
 class WindowHook(_LayerCounter):
-    """The paper's batch mode over a sliding window of panels, run one group of G panels at a time.
+    """The paper's Algorithm 1 for one chunk of P consecutive panels, batch [uncond x P, cond x P].
 
-    The story's panels are split into consecutive groups of G (= `window`). A group is denoised as
-    one batch [uncond x G, cond x G]; each panel attends to its own tokens, the sampled tokens of the
-    other panels of its group, and the sampled tokens of the previous group at the same layer and
-    step (`carry`, [2, G*L, C] per layer). Consistency so travels the whole story while peak memory
-    depends only on G. With G >= number of panels it is exactly one batch CSA over all panels.
-
-    selection: {L: [G*L] current group, prev_selection: [G*L] previous group}; related: [G, G] and
-    related_prev: [G, G] bool (do the two panels share a character: [NC]/character-less panels
-    relate to nobody); flips: [n_layers]; carry: per layer previous group's tokens (or zeros).
+    The chunk's layer input is preceded by the carried inputs of the W-1 panels before it (`carry`, per
+    layer [2, W-1, L, C]; zeros and invalid windows for the first chunk), giving E = W-1+P panels and P
+    stride-1 windows of W panels: window e holds extended panels e..e+W-1 (each window of the story is
+    computed in the chunk holding its last panel). In window e, panel slot a attends to its own L tokens
+    and the sampled tokens (`selection` {L: [P, W, k_L]}) of the window's other panels that share a
+    character with it (`related` [P, W, W]), if the window's flip (`flips` [P, n_layers]) says CSA.
+    Each current panel's output is the average over the valid windows (`valid` [P]) containing it. All
+    windows run as one batch (rows = windows x slots) through `attention_with_lengths`. `tokens` collects
+    per layer the last W-1 panels' inputs: the next chunk's carry.
     """
 
-    def __init__(self, layer_tokens, selection, prev_selection, related, related_prev, flips, carry):
+    def __init__(self, layer_tokens, selection, flips, related, valid, carry):
         super().__init__(layer_tokens)
-        self.selection, self.prev_selection = selection, prev_selection
-        self.related, self.related_prev, self.flips, self.carry = related, related_prev, flips, carry
+        self.selection, self.flips, self.related, self.valid, self.carry = selection, flips, related, valid, carry
         self.tokens: list[jax.Array] = []
 
     def __call__(self, attn: Attention, x: jax.Array) -> jax.Array:
         rows, L, C = x.shape
         layer = self.take(rows, L)
-        g = rows // 2
-        halves = x.reshape(2, g * L, C)
-        self.tokens.append(halves)
-        kv_source = jnp.concatenate([halves, self.carry[layer].astype(x.dtype)], axis=1)  # [2, 2*g*L, C]
-        q = _heads(attn, attn.to_q(halves))
-        k, v = _heads(attn, attn.to_k(kv_source)), _heads(attn, attn.to_v(kv_source))
-        image = jnp.arange(g * L) // L
-        own = image[:, None] == image[None, :]
-        cur = self.related[image[:, None], image[None, :]] & self.selection[L][None, :]
-        prev = self.related_prev[image[:, None], image[None, :]] & self.prev_selection[L][None, :]
-        mask = jnp.concatenate([own | (cur & self.flips[layer]), prev & self.flips[layer]], axis=1)
-        out = dot_product_attention(q, k, v, mask[None, None], backend="xla")
-        return attn.to_out[0](out.reshape(2, g * L, -1)).reshape(rows, L, -1)
+        p = rows // 2
+        w = self.related.shape[-1]
+        ext = jnp.concatenate([self.carry[layer].astype(x.dtype), x.reshape(2, p, L, C)], axis=1)  # [2, E, L, C]
+        self.tokens.append(ext[:, ext.shape[1] - (w - 1):])
+        q, k, v = (_heads(attn, proj(ext)) for proj in (attn.to_q, attn.to_k, attn.to_v))  # [2, E, L, H, D]
+        slot = np.arange(p)[:, None] + np.arange(w)[None, :]                # [P, W]: extended panel of each slot
+        sel = self.selection[L]                                              # [P, W, k]
+        n_sel = sel.shape[-1]
+        # Each slot's other slots, the related ones first (stable), so its valid keys form a prefix.
+        other = np.array([[b for b in range(w) if b != a] for a in range(w)], np.int32).reshape(w, w - 1)
+        rel = jnp.take_along_axis(self.related, jnp.broadcast_to(other, (p, w, w - 1)), axis=2)  # [P, W, W-1]
+        chosen = jnp.take_along_axis(jnp.broadcast_to(other, (p, w, w - 1)),
+                                     jnp.argsort(~rel, axis=2, stable=True), axis=2)
+        windows = np.arange(p)[:, None, None]
+
+        def keys(t):
+            sampled = t[:, slot[:, :, None], sel]                             # [2, P, W, k, H, D]
+            others = sampled[:, windows, chosen].reshape(2, p, w, (w - 1) * n_sel, *t.shape[3:])
+            return jnp.concatenate([t[:, slot], others], axis=3).reshape(2 * p * w, -1, *t.shape[3:])
+
+        lengths = L + n_sel * jnp.where(self.flips[:, layer][:, None], rel.sum(-1), 0)         # [P, W]
+        out = attention_with_lengths(q[:, slot].reshape(2 * p * w, L, *q.shape[3:]), keys(k), keys(v),
+                                     jnp.tile(lengths.reshape(-1), 2), own=L)
+        out = out.reshape(2, p, w, L, -1)
+        # Average per panel over its valid windows (window e, slot a -> extended panel e + a).
+        weight = self.valid.astype(jnp.float32)
+        total = jnp.zeros((2, p + w - 1, L, out.shape[-1]), jnp.float32)
+        count = jnp.zeros((p + w - 1,), jnp.float32)
+        for a in range(w):
+            total = total.at[:, a:a + p].add(out[:, :, a] * weight[None, :, None, None])
+            count = count.at[a:a + p].add(weight)
+        mean = total[:, w - 1:] / jnp.maximum(count[w - 1:], 1)[None, :, None, None]
+        return attn.to_out[0](mean.astype(x.dtype)).reshape(rows, L, -1)

@@ -181,6 +181,32 @@ def install_csa(unet, state: CSAState, other=AttnProcessor):
     return names
 
 
+def tiny_sdxl_pair(folder):
+    """A diffusers tiny-SDXL U-Net with every weight perturbed (random init leaves some layers at zero, so
+    they would not count) and ours converted from its saved folder: (torch_unet, graphdef, params)."""
+    import diffusers
+    from flax import nnx
+
+    from convert.unet import convert_unet
+    from storydiff_jax.models.unet import PRESETS, UNet2DConditionModel, UNetConfig
+    from storydiff_jax.params import build_with_params
+
+    config = PRESETS["tiny-sdxl"]
+    torch.manual_seed(0)
+    d = config.to_dict()
+    d.pop("_class_name")
+    ref = diffusers.UNet2DConditionModel(**d).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ref.save_pretrained(folder)
+    loaded = UNetConfig.from_dict(json.loads((Path(folder) / "config.json").read_text()))
+    assert loaded == config
+    model = build_with_params(lambda: UNet2DConditionModel(loaded, rngs=nnx.Rngs(0)), convert_unet(str(folder), loaded))
+    graphdef, params = nnx.split(model)
+    return ref, graphdef, params
+
+
 # --------------------------------------------------------------------------- the reference pipeline
 
 def reference_configs(preset: str) -> dict[str, dict]:

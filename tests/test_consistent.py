@@ -20,11 +20,10 @@ the boolean selections and flips, our side the compacted bank positions. No samp
 fixed random inputs to both U-Nets and compares the outputs (and the stored banks) at every step.
 
 Tolerance (fp32): max |ours - ref| <= 1e-4 * max(1, max |ref|) for the parity test; the pure-JAX
-equivalences (window vs write, [NC] read vs no hook) <= 1e-5 * max(1, max |ref|).
+equivalence ([NC] read vs no hook) <= 1e-5 * max(1, max |ref|). Window mode (Algorithm 1): tests/test_csa_window.py.
 """
 
 import functools
-import json
 import types
 
 import jax
@@ -33,13 +32,11 @@ import pytest
 import torch
 from flax import nnx
 
-from convert.unet import convert_unet
 from storydiff_jax import consistent as csa
-from storydiff_jax.models.unet import PRESETS, UNet2DConditionModel, UNetConfig
-from storydiff_jax.params import build_with_params
+from storydiff_jax.models.unet import PRESETS
 
 diffusers = pytest.importorskip("diffusers")
-from reference_csa import CSAState, install_csa  # tests/ is on sys.path under pytest
+from reference_csa import CSAState, install_csa, tiny_sdxl_pair  # tests/ is on sys.path under pytest
 
 TOL = 1e-4          # torch parity
 TOL_JAX = 1e-5      # JAX-only equivalences
@@ -56,19 +53,7 @@ SETTINGS = csa.CSASettings(p_early=0.5, plain_steps=1)   # step 0 plain, later s
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     config = PRESETS["tiny-sdxl"]
-    folder = tmp_path_factory.mktemp("csa") / "unet"
-    torch.manual_seed(0)
-    d = config.to_dict()
-    d.pop("_class_name")
-    ref = diffusers.UNet2DConditionModel(**d).eval()
-    with torch.no_grad():   # random init leaves some layers at zero: perturb everything so they count
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    ref.save_pretrained(folder)
-    loaded = UNetConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    assert loaded == config
-    model = build_with_params(lambda: UNet2DConditionModel(loaded, rngs=nnx.Rngs(0)), convert_unet(str(folder), loaded))
-    graphdef, params = nnx.split(model)
+    ref, graphdef, params = tiny_sdxl_pair(tmp_path_factory.mktemp("csa") / "unet")
     layers = csa.csa_layers(config, (LATENT, LATENT))
 
     # Compile time dominates this module on CPU; LLVM's optimisation passes are not worth it here.
@@ -82,8 +67,8 @@ def models(tmp_path_factory):
         return call(params, x, t, ctx, te, tid, None)
 
     @jit
-    def write(params, x, t, ctx, te, tid, selection, index, flips):
-        hook = csa.WriteHook(layers, selection, index, flips)
+    def write(params, x, t, ctx, te, tid, index, others, others_len, flips):
+        hook = csa.WriteHook(layers, index, others, others_len, flips)
         return call(params, x, t, ctx, te, tid, hook), hook.bank
 
     @jit
@@ -91,14 +76,9 @@ def models(tmp_path_factory):
         hook = csa.ReadHook(layers, bank, valid, panel_chars, flips)
         return call(params, x, t, ctx, te, tid, hook)
 
-    @jit
-    def window(params, x, t, ctx, te, tid, selection, prev_selection, related, related_prev, flips, carry):
-        hook = csa.WindowHook(layers, selection, prev_selection, related, related_prev, flips, carry)
-        return call(params, x, t, ctx, te, tid, hook)
-
     m = types.SimpleNamespace()
     m.config, m.ref, m.params, m.layers = config, ref, params, layers
-    m.plain, m.write, m.read, m.window = plain, write, read, window
+    m.plain, m.write, m.read = plain, write, read
     rev = list(reversed(config.block_out_channels))
     m.channels = [rev[i] for i, kind in enumerate(config.up_block_types) if kind.startswith("CrossAttn")
                   for _ in range((config.layers_per_block + 1)
@@ -133,6 +113,11 @@ def _torch_run(ref, inp):
 
 def _nhwc_to_nchw(y):
     return np.asarray(y).transpose(0, 3, 1, 2)
+
+
+def _step_draws(s, t):
+    """Step t of a WriteSchedule as the write call's (index, others, others_len) arguments."""
+    return tuple({L: np.asarray(d[L][t]) for L in d} for d in (s.index, s.others, s.others_len))
 
 
 def _err(out, ref):
@@ -183,8 +168,7 @@ def test_write_read_match_torch_restatement(models):
             torch_banks[c][t] = state.bank
 
             out, bank = m.write(m.params, *_jax_args(inp),
-                                {L: np.asarray(s.selection[L][t]) for L in s.selection},
-                                {L: np.asarray(s.index[L][t]) for L in s.index}, np.asarray(s.flips[t]))
+                                *_step_draws(s, t), np.asarray(s.flips[t]))
             err, scale = _err(_nhwc_to_nchw(out), ref)
             worst["write"] = max(worst["write"], err / scale)
             assert err <= TOL * scale, f"write char {c} step {t}: max abs error {err:.2e} (ref scale {scale:.2f})"
@@ -217,34 +201,6 @@ def test_write_read_match_torch_restatement(models):
         assert err <= TOL * scale, f"read step {t}: max abs error {err:.2e} (ref scale {scale:.2f})"
     print("\nCSA parity, worst max-abs-error / max(1, max|ref|): "
           + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
-
-
-def test_window_one_group_equals_write(models):
-    # G = 2 keeps the write call's shapes (its compiled program is reused).
-    m = models
-    g = 2
-    (s,) = csa.draw_write_schedules(SEED + 1, 1, g, 2, m.layers, IMAGE_HW, SETTINGS)
-    t = 1
-    inp = _jax_args(_inputs(m.config, 2 * g, t, seed=300))
-    selection = {L: np.asarray(s.selection[L][t]) for L in s.selection}
-    index = {L: np.asarray(s.index[L][t]) for L in s.index}
-    prev_selection = {L: np.ones(g * L, bool) for L in s.selection}      # masked out by related_prev
-    related = np.ones((g, g), bool)
-    related_prev = np.zeros((g, g), bool)
-    carry = [np.zeros((2, g * L, c), np.float32) for L, c in zip(m.layers, m.channels)]
-    no_csa = None
-    for flips in (np.zeros(len(m.layers), bool), s.flips[t], np.ones(len(m.layers), bool)):
-        flips = np.asarray(flips)
-        ref, _ = m.write(m.params, *inp, selection, index, flips)
-        out = m.window(m.params, *inp, selection, prev_selection, related, related_prev, flips, carry)
-        ref, out = np.asarray(ref), np.asarray(out)
-        err, scale = _err(out, ref)
-        print(f"\nwindow vs write, {int(flips.sum())} CSA layers: max abs error {err:.2e} (scale {scale:.2f})")
-        assert err <= TOL_JAX * scale, f"window vs write: max abs error {err:.2e}"
-        if no_csa is None:
-            no_csa = ref
-        else:   # CSA changed the output, so the comparison is not vacuous
-            assert np.abs(ref - no_csa).max() > 1e-3
 
 
 def test_read_nc_panel_is_plain(models):

@@ -44,6 +44,60 @@ def dot_product_attention(q, k, v, mask=None, *, backend: str = "auto") -> jax.A
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+# Logit elements (float32) one query block of the XLA path may hold: 2**26 = 256 MiB. Queries are
+# processed in blocks that fit, so CSA's longer key lists never materialise whole logit tensors.
+LOGITS_BUDGET = 2 ** 26
+
+
+def attention_with_lengths(q, k, v, kv_lengths, *, backend: str = "auto", logits_budget: int | None = None,
+                           own: int = 0):
+    """Attention where row b of the batch sees only its first `kv_lengths[b]` keys.
+
+    q: [B, Lq, H, D]; k, v: [B, S, H, D]; kv_lengths: int [B] in [1, S]. This is the shape every
+    Consistent Self-Attention schedule is written in (own tokens first, then the compacted tokens of the
+    other images, padded to a static S), so one static program serves every selection and coin flip.
+
+    backend "auto": cuDNN's fused flash kernel through `jax.nn.dot_product_attention(...,
+    key_value_seq_lengths=...)` on GPU in fp16/bf16; elsewhere ("xla") an exact softmax computed in
+    query blocks of at most `logits_budget` (default: the module's LOGITS_BUDGET, read at trace time)
+    float32 logits; "xla-fused": jax's own XLA implementation of the same call (whole logits; for checks).
+    own: the first `own` keys (every row's own tokens) are multiplied apart from the rest, so a row that
+    uses only them gives plain attention's numbers bit for bit on the XLA path.
+    """
+    impl = _backend_for(q, backend)
+    kv_lengths = kv_lengths.astype(jnp.int32)
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths, implementation="cudnn")
+    if impl == "xla-fused":
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths, implementation="xla")
+    b, lq, h, d = q.shape
+    s = k.shape[1]
+    budget = LOGITS_BUDGET if logits_budget is None else logits_budget
+    block = max(1, min(lq, budget // max(1, b * h * s)))
+    live = (jnp.arange(s)[None, :] < kv_lengths[:, None])[:, None, None, :]       # [B, 1, 1, S]
+
+    def one_block(qb):
+        # Own keys and the rest in separate products: XLA's CPU GEMMs round by problem shape, and this
+        # keeps a row without extra keys bit-identical to plain attention whatever the padded length.
+        parts = [k[:, :own], k[:, own:]] if own else [k]
+        logits = jnp.concatenate([jnp.einsum("bqhd,bkhd->bhqk", qb, part, preferred_element_type=jnp.float32)
+                                  for part in parts], axis=-1) * d ** -0.5
+        weights = jax.nn.softmax(jnp.where(live, logits, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights[..., :own], v[:, :own]) if own else 0
+        return out + jnp.einsum("bhqk,bkhd->bqhd", weights[..., own:], v[:, own:])
+
+    if block == lq:
+        return one_block(q)
+    # A loop (lax.map) over query blocks: XLA then keeps one block's logits alive (unrolled blocks were
+    # scheduled side by side and kept most of them). Its cost analysis counts the loop body once, so
+    # FLOP measurements use an unlimited budget (see bench/csa_cost.py); the arithmetic is the same.
+    n_blocks = -(-lq // block)
+    qp = jnp.pad(q, ((0, 0), (0, n_blocks * block - lq), (0, 0), (0, 0)))
+    blocks = jnp.moveaxis(qp.reshape(b, n_blocks, block, h, d), 1, 0)
+    out = jnp.moveaxis(jax.lax.map(one_block, blocks), 0, 1).reshape(b, n_blocks * block, h, d)
+    return out[:, :lq]
+
+
 class Attention(nnx.Module):
     """diffusers-style attention: to_q/to_k/to_v projections, heads, to_out.0 output projection.
 

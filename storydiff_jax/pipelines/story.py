@@ -5,7 +5,8 @@ Phases (each one jitted program whose denoising loop is a `lax.scan` over steps)
            the character's bank (sampled attention-input tokens per step and layer);
   read   - all other panels, in fixed-size batches, attending to the banks of the characters they name;
   decode - VAE decode of every panel's latents.
-`mode="window"` replaces write/read by the paper's sliding-window batch mode (see consistent.WindowHook).
+`mode="window"` replaces write/read by the paper's Algorithm 1: stride-1 sliding windows, outputs averaged
+per panel, chunks of panels sharded over `data` (see consistent.WindowHook).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
 from .. import consistent as csa
@@ -25,7 +27,7 @@ from ..errors import ConfigError
 from ..models.clip_text import tokenize
 from ..models.unet import FreeU
 from ..schedulers import make_sampler
-from ..sharding import data_mesh, host_memory, put_batch, put_replicated, replicated
+from ..sharding import batch_sharded, data_mesh, host_memory, put_batch, put_replicated, replicated
 from ..story import Story, apply_style, parse_story, typeset
 from .bank import CharacterBank
 from .components import Components, load_components
@@ -157,18 +159,18 @@ class StoryPipeline:
         return uncond + guidance * (cond - uncond)
 
     def _write_program(self, sampler, layer_tokens, freeu):
-        def run(unet_state, x, ctx, pooled, time_ids, guidance, selection, index, flips):
+        def run(unet_state, x, ctx, pooled, time_ids, guidance, index, others, others_len, flips):
             unet = nnx.merge(self._unet_graph, unet_state)
 
             def step(x, xs):
-                i, sel, idx, flip = xs
-                hook = csa.WriteHook(layer_tokens, sel, idx, flip)
+                i, idx, oth, oth_len, flip = xs
+                hook = csa.WriteHook(layer_tokens, idx, oth, oth_len, flip)
                 eps = self._unet_eps(unet, sampler, i, x, ctx, pooled, time_ids, guidance, freeu, hook)
                 tick_from_jit(i)
                 return sampler.step(eps, i, x), tuple(hook.bank)
 
             steps = jnp.arange(sampler.num_steps)
-            return jax.lax.scan(step, x * sampler.init_noise_sigma, (steps, selection, index, flips))
+            return jax.lax.scan(step, x * sampler.init_noise_sigma, (steps, index, others, others_len, flips))
 
         return jax.jit(run)
 
@@ -193,46 +195,44 @@ class StoryPipeline:
 
         return jax.jit(run)
 
-    def _window_program(self, sampler, layer_tokens, freeu, group, image_hw, settings):
-        """All panels, `group` at a time per step, each group attending to itself and the previous group."""
-        resolutions = sorted(set(layer_tokens))
-        rates = {L: csa.sampling_rate(L, image_hw, settings) for L in resolutions}
+    def _window_program(self, sampler, layer_tokens, freeu, window, chunk, image_hw, settings):
+        """Algorithm 1 over the story, `chunk` panels at a time (see consistent.WindowHook).
+
+        Inputs are chunk-major: x [n_chunks, chunk, h, w, c] with the panel axis sharded over `data`,
+        ctx/pooled [n_chunks, 2*chunk, ...] (each chunk's rows [uncond chunk, cond chunk]), chars
+        [n_chunks, chunk, n_chars] bool, n_panels: the real panels (the rest is padding).
+        """
+        rates = {L: csa.sampling_rate(L, image_hw, settings) for L in sorted(set(layer_tokens))}
         p_csa = np.where(np.arange(sampler.num_steps) < settings.switch_step, settings.p_early, settings.p_late)
         p_csa[: settings.plain_steps] = 0.0
+        panels = batch_sharded(self.mesh)
+        w = window
 
-        def draws(key, i, g):
-            """Selection and flips of group g at step i: derived from (key, i, g), so nothing grows with P."""
-            k = jax.random.fold_in(jax.random.fold_in(key, i), g)
-            keys = jax.random.split(k, len(resolutions) + 1)
-            sel = {L: jax.random.bernoulli(keys[j], rates[L], (group * L,)) for j, L in enumerate(resolutions)}
-            flips = jax.random.uniform(keys[-1], (len(layer_tokens),)) < jnp.asarray(p_csa)[i]
-            return sel, flips
-
-        def run(unet_state, x, ctx, pooled, time_ids, guidance, chars, key):
-            # x: [G_n, group, ...]; ctx: [G_n, 2*group, ...]; chars: [G_n, group, n_chars] bool
+        def run(unet_state, x, ctx, pooled, time_ids, guidance, chars, n_panels, key):
             unet = nnx.merge(self._unet_graph, unet_state)
-            n_groups = x.shape[0]
+            n_chars = chars.shape[-1]
 
-            def related(a, b):
-                return jnp.any(a[:, None, :] & b[None, :, :], axis=-1)
+            def step(x, i):
+                def one_chunk(carry, xs):
+                    tokens, prev_chars = carry
+                    c, xc, ctx_c, pooled_c, chars_c = xs
+                    xc = jax.lax.with_sharding_constraint(xc, panels)
+                    starts = c * chunk - (w - 1) + jnp.arange(chunk)
+                    sel, flips = csa.window_draws(key, i, starts, w, layer_tokens, rates, p_csa)
+                    ext = jnp.concatenate([prev_chars, chars_c])                      # [w-1+chunk, n_chars]
+                    slot = np.arange(chunk)[:, None] + np.arange(w)[None, :]
+                    shared = jnp.any(ext[slot][:, :, None, :] & ext[slot][:, None, :, :], axis=-1)
+                    valid = (starts >= 0) & (starts + w <= n_panels)
+                    hook = csa.WindowHook(layer_tokens, sel, flips, shared, valid, tokens)
+                    eps = self._unet_eps(unet, sampler, i, xc, ctx_c, pooled_c, time_ids, guidance, freeu, hook)
+                    new = jax.lax.with_sharding_constraint(sampler.step(eps, i, xc), panels)
+                    return (tuple(hook.tokens), ext[ext.shape[0] - (w - 1):]), new
 
-            def step(xg, i):
-                def one_group(carry, g):
-                    prev_tokens, = carry
-                    sel, flips = draws(key, i, g)
-                    prev_sel, _ = draws(key, i, jnp.maximum(g - 1, 0))
-                    has_prev = g > 0
-                    rel = related(chars[g], chars[g])
-                    rel_prev = related(chars[g], chars[jnp.maximum(g - 1, 0)]) & has_prev
-                    hook = csa.WindowHook(layer_tokens, sel, prev_sel, rel, rel_prev, flips, prev_tokens)
-                    p = pooled[g] if pooled is not None else None
-                    eps = self._unet_eps(unet, sampler, i, xg[g], ctx[g], p, time_ids, guidance, freeu, hook)
-                    new = sampler.step(eps, i, xg[g])
-                    return (tuple(hook.tokens),), new
-
-                zeros = tuple(jnp.zeros((2, group * L, w), self.components.dtype)
-                              for L, w in zip(layer_tokens, self._csa_widths()))
-                _, new_x = jax.lax.scan(one_group, (zeros,), jnp.arange(n_groups))
+                zeros = tuple(jnp.zeros((2, w - 1, L, width), self.components.dtype)
+                              for L, width in zip(layer_tokens, self._csa_widths()))
+                init = (zeros, jnp.zeros((w - 1, n_chars), bool))
+                xs = (jnp.arange(x.shape[0]), x, ctx, pooled, chars)
+                _, new_x = jax.lax.scan(one_chunk, init, xs)
                 tick_from_jit(i)
                 return new_x, None
 
@@ -315,7 +315,7 @@ class StoryPipeline:
                 sched = schedules[ci]
                 Progress.start(progress, o.steps, f"write {name}")
                 x, bank_c = write(self._unet_state, base_noise, ctx, pooled, time_ids, guidance,
-                                  sched.selection, sched.index, jnp.asarray(sched.flips))
+                                  sched.index, sched.others, sched.others_len, jnp.asarray(sched.flips))
                 jax.block_until_ready(x)
                 Progress.close()
                 for j, p in enumerate(panel_ids):
@@ -386,34 +386,43 @@ class StoryPipeline:
                 latents[p] = jnp.asarray(x[j])
         Progress.close()
 
+    def _window_inputs(self, story, o, rows, noise0):
+        """Chunk-major, padded, sharded inputs of the window program; returns (window, chunk, args)."""
+        n = len(story.panels)
+        w = min(o.window, n)
+        # Panels of a chunk are sharded over the devices: a chunk is a multiple of their count.
+        chunk = -(-min(o.chunk or n, n) // self.n_devices) * self.n_devices
+        chunk = max(chunk, -(-w // self.n_devices) * self.n_devices)
+        n_chunks = -(-n // chunk)
+        order = list(range(n)) + [n - 1] * (n_chunks * chunk - n)
+        names = list(story.characters)
+        chars = np.array([[nm in story.panels[p].characters for nm in names] or [False] for p in order])
+        chars[n:] = False            # padding relates to nobody and its windows are invalid
+        ctx, pooled = rows(order)
+
+        def chunked(a):
+            """[uncond all, cond all] rows -> [n_chunks, 2*chunk, ...] with each chunk's [uncond, cond]."""
+            if a is None:
+                return None
+            u, c = (h.reshape(n_chunks, chunk, *h.shape[1:]) for h in (a[: len(order)], a[len(order):]))
+            return jnp.concatenate([u, c], axis=1)
+
+        x0 = jnp.broadcast_to(noise0, (n_chunks, chunk) + noise0.shape)
+        x0 = jax.device_put(x0, NamedSharding(self.mesh, PartitionSpec(None, "data")))
+        return w, chunk, (x0, chunked(ctx), chunked(pooled), jnp.asarray(chars.reshape(n_chunks, chunk, -1)),
+                          jnp.int32(n))
+
     def _window_phase(self, story, o, latents, rows, sampler, layer_tokens, freeu, noise0, time_ids, guidance, key,
                       progress):
         n = len(story.panels)
-        group = max(1, min(o.window, n))
-        n_groups = -(-n // group)
-        order = list(range(n)) + [n - 1] * (n_groups * group - n)
-        names = list(story.characters)
-        chars = np.array([[nm in story.panels[p].characters for nm in names] or [False] for p in order])
-        # Padding panels repeat the last one but relate to nobody, so they change no real panel.
-        chars[n:] = False
-        ctx, pooled = rows(order)
-        # Group-major layout: [G_n, 2*group, ...] with each group's rows as [uncond group, cond group].
-        def grouped(a):
-            if a is None:
-                return None
-            u, c = a[: len(order)], a[len(order):]
-            u = u.reshape(n_groups, group, *u.shape[1:])
-            c = c.reshape(n_groups, group, *c.shape[1:])
-            return jnp.concatenate([u, c], axis=1)
-
-        x0 = jnp.broadcast_to(noise0, (n_groups, group) + noise0.shape)
-        run = self._program(("window", sampler, tuple(layer_tokens), freeu, group, o.height, o.width, o.sa32, o.sa64),
-                            lambda: self._window_program(sampler, layer_tokens, freeu, group, (o.height, o.width),
+        w, chunk, (x0, ctx, pooled, chars, n_panels) = self._window_inputs(story, o, rows, noise0)
+        run = self._program(("window", sampler, tuple(layer_tokens), freeu, w, chunk, o.height, o.width, o.sa32,
+                             o.sa64),
+                            lambda: self._window_program(sampler, layer_tokens, freeu, w, chunk, (o.height, o.width),
                                                          o.csa()))
-        Progress.start(progress, o.steps, f"window x{group}")
-        x = run(self._unet_state, x0, grouped(ctx), grouped(pooled), time_ids, guidance,
-                jnp.asarray(chars.reshape(n_groups, group, -1)), jax.random.fold_in(key, 0x3D))
-        x = np.asarray(x).reshape(n_groups * group, *noise0.shape)
+        Progress.start(progress, o.steps, f"window {w}, chunk {chunk}")
+        x = run(self._unet_state, x0, ctx, pooled, time_ids, guidance, chars, n_panels, jax.random.fold_in(key, 0x3D))
+        x = np.asarray(x).reshape(-1, *noise0.shape)
         Progress.close()
         for p in range(n):
             latents[p] = jnp.asarray(x[p])

@@ -1,0 +1,80 @@
+"""Window mode on 8 fake CPU devices equals 1 device, with the panel batch sharded over `data`.
+
+A subprocess (the device count is fixed when JAX starts) runs the window program as the pipeline
+places its inputs (`_window_inputs`), on 1 device and on 8: the compiled executable takes each chunk's
+panel axis sharded over the 8 devices (input shardings and per-device shapes asserted), and the
+latents agree within 1e-5 * max(1, max |x|) (per-device GEMM shapes differ, so not byte for byte).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+_DEVICES_SCRIPT = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import PartitionSpec
+sys.path.insert(0, "tests")
+from story_samples import STORY
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+from storydiff_jax import consistent as csa
+from storydiff_jax.models.unet import FreeU
+from storydiff_jax.pipelines import StoryOptions, StoryPipeline
+from storydiff_jax.pipelines.components import load_components
+from storydiff_jax.schedulers import make_sampler
+from storydiff_jax.story import parse_story
+
+comps = load_components("tiny-sdxl")
+story = parse_story(STORY, id_length=2)
+o = StoryOptions(steps=2, height=64, width=64, id_length=2, mode="window", window=3, chunk=8)
+n = len(story.panels)
+rng = np.random.default_rng(0)
+ctx_all = jnp.asarray(rng.standard_normal((2 * n, 77, comps.config.unet.cross_attention_dim)), jnp.float32)
+pooled_all = jnp.asarray(rng.standard_normal((2 * n, comps.config.unet.text_embeds_dim)), jnp.float32)
+
+def rows(indices):
+    idx = np.concatenate([np.asarray(indices), n + np.asarray(indices)])
+    return ctx_all[idx], pooled_all[idx]
+
+out = {}
+for d in (1, 8):
+    pipe = StoryPipeline(comps, devices=jax.devices()[:d])
+    sampler = make_sampler("ddim", comps.config.scheduler, o.steps)
+    layers = csa.csa_layers(comps.config.unet, (8, 8))
+    noise0 = jax.random.normal(jax.random.key(0), (8, 8, 4))
+    w, chunk, (x0, ctx, pooled, chars, n_panels) = pipe._window_inputs(story, o, rows, noise0)
+    run = pipe._window_program(sampler, layers, FreeU(), w, chunk, (64, 64), o.csa())
+    args = (pipe._unet_state, x0, ctx, pooled, jnp.ones((1, 6)), jnp.float32(5.0), chars, n_panels, jax.random.key(1))
+    compiled = run.lower(*args).compile(FAST)
+    x_sharding = compiled.input_shardings[0][1]
+    x = compiled(*args)
+    out[d] = {"chunk": chunk, "window": w, "spec": str(x_sharding.spec),
+              "input_shard": list(x0.addressable_shards[0].data.shape),
+              "n_devices": len(x_sharding.device_set), "out_shard": list(x.addressable_shards[0].data.shape),
+              "x": np.asarray(x)[0, :n].tolist()}
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_window_eight_devices_match_one():
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.split("RESULT", 1)[1])
+    one, eight = res["1"], res["8"]
+    # One device: a chunk of all 7 panels; eight: rounded up to 8 (one padding panel, in no valid window).
+    assert one["chunk"] == 7 and eight["chunk"] == 8 and one["window"] == eight["window"] == 3
+    # The compiled program takes the chunk's panel axis sharded over the 8 devices: one panel each.
+    assert eight["spec"] == "P(None, 'data')" and eight["n_devices"] == 8
+    assert eight["input_shard"] == [1, 1, 8, 8, 4] and eight["out_shard"] == [1, 1, 8, 8, 4]
+    assert one["input_shard"] == [1, 7, 8, 8, 4]
+    a, b = np.array(one["x"]), np.array(eight["x"])
+    err = np.abs(a - b).max()
+    print(f"window mode, 8 devices vs 1: max abs latent difference {err:.2e} (scale {np.abs(a).max():.2f})")
+    assert err <= 1e-5 * max(1.0, np.abs(a).max())
