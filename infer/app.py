@@ -192,14 +192,16 @@ class StoryApp:
 
     # The CLI's defaults for this model (what `python -m infer.story` would use), shown in the form.
     def story_defaults(self) -> dict:
-        d = vars(self.story_cli.parse_args(["--story", "-", "--out", "-"]))
-        d.update(steps=8 if self.tiny else 35, height=128 if self.tiny else 768, width=128 if self.tiny else 768)
-        return d
+        import infer.story
+
+        return {**vars(self.story_cli.parse_args(["--story=-", "--out=-"])),
+                **infer.story.model_defaults(self.story_source)}
 
     def video_defaults(self) -> dict:
-        d = vars(self.video_cli.parse_args(["--start", "-", "--end", "-", "--out", "-"]))
-        d.update(frames=8 if self.video_tiny else 16, steps=4 if self.video_tiny else 25)
-        return d
+        import infer.transition
+
+        return {**vars(self.video_cli.parse_args(["--start=-", "--end=-", "--out=-"])),
+                **infer.transition.model_defaults(self.video_source)}
 
     def _new_name(self, kind: str) -> str:
         with self._lock:  # unique even for two requests in the same second

@@ -89,6 +89,12 @@ def _write_outputs(tmp: str, result, manifest: dict) -> None:
         json.dump(manifest, f, indent=2)
 
 
+def model_defaults(source: str) -> dict:
+    """The defaults that depend on the model (also shown by the web app): tiny presets get small, fast ones."""
+    tiny = source.startswith("tiny-")
+    return {"steps": 8 if tiny else 35, "height": 128 if tiny else 768, "width": 128 if tiny else 768}
+
+
 def _default(value, default):
     """An option left unset takes the model's default; an explicit 0 stays 0 (and is refused by the checks)."""
     return default if value is None else value
@@ -119,7 +125,6 @@ def run(args: argparse.Namespace, log=print, *, text: str | None = None, pipe=No
         except OSError as e:
             raise ConfigError(f"cannot read the story file {args.story}: {e.strerror}") from None
     source = args.model or args.preset or "tiny-sdxl"
-    tiny = source.startswith("tiny-")
     bank = CharacterBank.load(args.load_bank) if args.load_bank else None
     # Parse first: a malformed story fails before any model is loaded.
     story = parse_story(text, id_length=args.id_length, known_characters=set(bank.characters) if bank else ())
@@ -140,10 +145,11 @@ def run(args: argparse.Namespace, log=print, *, text: str | None = None, pipe=No
         args.dtype or ("bfloat16" if on_accel else "float32")]
     if pipe is not None:
         dtype = pipe.components.dtype
+    defaults = model_defaults(source)
     options = StoryOptions(
-        style=args.style, negative=args.negative, steps=_default(args.steps, 8 if tiny else 35),
-        guidance=args.guidance, height=_default(args.height, 128 if tiny else 768),
-        width=_default(args.width, 128 if tiny else 768), seed=args.seed,
+        style=args.style, negative=args.negative, steps=_default(args.steps, defaults["steps"]),
+        guidance=args.guidance, height=_default(args.height, defaults["height"]),
+        width=_default(args.width, defaults["width"]), seed=args.seed,
         id_length=story.id_length, sa32=args.sa32, sa64=args.sa64, mode=args.mode, window=args.window,
         layout=args.layout, sampler=args.sampler, freeu=not args.no_freeu, read_batch=args.read_batch,
         font=args.font, bank_offload=args.bank_offload)

@@ -108,6 +108,12 @@ def _output_kind(out: str) -> str:
     return ext
 
 
+def model_defaults(source: str) -> dict:
+    """The defaults that depend on the model (also shown by the web app): tiny presets get small, fast ones."""
+    tiny = source.startswith("tiny-")
+    return {"frames": 8 if tiny else 16, "steps": 4 if tiny else 25}
+
+
 def _default_side(image, stride: int) -> int:
     return max(stride, round(image.height / stride) * stride), max(stride, round(image.width / stride) * stride)
 
@@ -142,15 +148,15 @@ def run(args: argparse.Namespace, log=print, *, pipe=None) -> str:
     # Read every picture and check every setting before loading any weights: bad input fails in a second.
     images = [load_image(f) for f in files]
     source = args.model or args.preset or "tiny-video"
-    tiny = source.startswith("tiny-")
+    defaults = model_defaults(source)
     config = load_video_config(source)
     stride = config.latent_stride
     height, width = _default_side(images[0], stride)
     height, width = args.height or height, args.width or width
     smp = args.smp or ("predict" if config.smp is not None else "none")
     base = TransitionOptions(
-        prompt=args.prompt or "", negative=args.negative, frames=args.frames or (8 if tiny else 16),
-        steps=args.steps or (4 if tiny else 25), guidance=args.guidance, ip_scale=args.ip_scale, smp=smp,
+        prompt=args.prompt or "", negative=args.negative, frames=args.frames or defaults["frames"],
+        steps=args.steps or defaults["steps"], guidance=args.guidance, ip_scale=args.ip_scale, smp=smp,
         seed=args.seed, height=height, width=width, anchor=not args.no_anchor)
     check_options(config, base)
     if args.fps <= 0:
