@@ -1,8 +1,11 @@
 """Consistent Self-Attention (StoryDiffusion, Zhou et al. 2024) as hooks on the U-Net's self-attention.
 
-The primitive: a self-attention whose keys/values also take *extra tokens* from other images, each
-extra token switched on or off by a boolean mask (so shapes stay static and one jitted program
-serves every step). Three schedules use it:
+The primitive: a self-attention whose keys/values also take *extra tokens* from other images. Every
+schedule is written as: per query image, its own L tokens followed by the compacted extra tokens it
+may see, padded to a static capacity, with a valid key length per row (a "plain" coin flip is a
+length of L); keys/values are projected once per token, then gathered; the attention runs through
+`nn.attention.attention_with_lengths` (cuDNN's fused kernel on GPU, query blocks elsewhere). Shapes
+stay static, so one jitted program serves every step. Three schedules use it:
 
 * **write** (id panels of one character, generated together): each image's queries see all of its
   own tokens plus the *sampled* tokens of the other id images; the sampled tokens of every id image
@@ -16,8 +19,9 @@ Official details reproduced (see docs/consistent_self_attention.md): only the up
 use it; per step and per resolution one Bernoulli token selection (rate `sa32` at 1/32 of the image
 side, `sa64` elsewhere) is shared by all layers of that resolution and both CFG halves; per layer call a
 coin flip decides CSA vs plain attention (step 0 always plain, then CSA with probability 0.7 before
-step 20 and 0.9 after). All randomness is drawn up front from the seed with numpy (`draw_schedule`),
-so the jitted program is deterministic and a PyTorch re-statement can be fed the same draws.
+step 20 and 0.9 after). All randomness is drawn up front from the seed with numpy (`draw_write_schedules`),
+so the jitted program is deterministic and a PyTorch re-statement can be fed the same draws (window
+mode draws inside the program, per window: `window_draws`).
 
 Bank semantics are the official ones: the official low-VRAM app (its default entry point) stores only
 the sampled tokens of each id image and its read phase attends to exactly that write-time selection,

@@ -34,3 +34,21 @@ def test_good_values_are_kept_as_given():
     # chunk only constrains window mode; the defaults leave read batch and chunk to the pipeline.
     assert StoryOptions(chunk=2, window=4).chunk == 2
     assert StoryOptions().read_batch is None and StoryOptions().chunk is None
+
+
+@pytest.mark.parametrize("flag, value, words", [("--steps", "0", "steps must be"), ("--read-batch", "0", "read_batch"),
+                                                ("--guidance", "-1", "guidance must be")])
+def test_cli_refuses_edge_values_before_any_work(tmp_path, flag, value, words):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    story = tmp_path / "s.txt"
+    story.write_text("[Ana] a girl\n\n[Ana] reads\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "infer.story", "--story", str(story), "--out", str(out), flag, value,
+                           "--quiet"], cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                          timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and words in errors[0], proc.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == [story]
