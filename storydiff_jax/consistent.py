@@ -176,9 +176,9 @@ def _kv(attn: Attention, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return _heads(attn, attn.to_k(x)), _heads(attn, attn.to_v(x))
 
 
-def _attend(attn: Attention, q, keys, values, lengths) -> jax.Array:
+def _attend(attn: Attention, q, keys, values, lengths, own: int = 0) -> jax.Array:
     """Queries [R, L, H, D] over keys/values [R, S, H, D] of which row r uses the first lengths[r]."""
-    out = attention_with_lengths(q, keys, values, lengths, own=q.shape[1])     # own tokens come first
+    out = attention_with_lengths(q, keys, values, lengths, own=own)
     return attn.to_out[0](out.reshape(*out.shape[:2], -1))
 
 
@@ -249,7 +249,8 @@ class ReadHook(_LayerCounter):
             return jnp.concatenate([own.reshape(2, b, L, *own.shape[2:]), extra], axis=2).reshape(
                 rows, -1, *own.shape[2:])
 
-        return _attend(attn, q, keys(k, kb), keys(v, vb), jnp.tile(lengths, 2))
+        # own=L: an [NC] panel (no bank keys) is bit-identical to plain attention whatever the bank size.
+        return _attend(attn, q, keys(k, kb), keys(v, vb), jnp.tile(lengths, 2), own=L)
 
 
 def window_tokens(L: int, rate: float) -> int:
@@ -326,7 +327,7 @@ class WindowHook(_LayerCounter):
 
         lengths = L + n_sel * jnp.where(self.flips[:, layer][:, None], rel.sum(-1), 0)         # [P, W]
         out = attention_with_lengths(q[:, slot].reshape(2 * p * w, L, *q.shape[3:]), keys(k), keys(v),
-                                     jnp.tile(lengths.reshape(-1), 2), own=L)
+                                     jnp.tile(lengths.reshape(-1), 2))
         out = out.reshape(2, p, w, L, -1)
         # Average per panel over its valid windows (window e, slot a -> extended panel e + a).
         weight = self.valid.astype(jnp.float32)
