@@ -60,12 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bank: official id-panel write/read (default); window: the paper's sliding-window batch "
                         "mode for long stories (memory independent of the number of panels)")
     p.add_argument("--window", type=int, default=4, help="panels per window in --mode window (default: 4)")
+    p.add_argument("--chunk", type=int, default=None, help="--mode window: panels denoised together, the last "
+                   "window-1 carried to the next chunk (default: all panels)")
     p.add_argument("--layout", choices=list(LAYOUTS), default="four-panel", help="comic page layout")
     p.add_argument("--font", default=None, help="TrueType font for captions (default: Pillow's built-in font)")
     p.add_argument("--sampler", choices=["ddim", "euler"], default="ddim", help="sampler (default: ddim, as the "
                    "official StoryDiffusion)")
     p.add_argument("--no-freeu", action="store_true", help="turn FreeU off (on by default: s1 0.6 s2 0.4 b1 1.1 b2 1.2)")
-    p.add_argument("--read-batch", type=int, default=4, help="panels denoised together in the read phase")
+    p.add_argument("--read-batch", type=int, default=None, help="panels denoised together in the read phase "
+                   "(default: 4; rounded up to a multiple of the device count)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--bank-offload", action="store_true", help="keep character banks in host memory and stream each "
@@ -151,7 +154,8 @@ def run(args: argparse.Namespace, log=print, *, text: str | None = None, pipe=No
         guidance=args.guidance, height=_default(args.height, defaults["height"]),
         width=_default(args.width, defaults["width"]), seed=args.seed,
         id_length=story.id_length, sa32=args.sa32, sa64=args.sa64, mode=args.mode, window=args.window,
-        layout=args.layout, sampler=args.sampler, freeu=not args.no_freeu, read_batch=args.read_batch,
+        chunk=getattr(args, "chunk", None), layout=args.layout, sampler=args.sampler, freeu=not args.no_freeu,
+        read_batch=args.read_batch,
         font=args.font, bank_offload=args.bank_offload)
     t0 = time.perf_counter()
     if pipe is None:
