@@ -27,6 +27,7 @@ from storydiff_jax.pipelines import StoryOptions, StoryPipeline
 from storydiff_jax.pipelines.components import load_components
 from storydiff_jax.schedulers import make_sampler
 from storydiff_jax.story import parse_story
+from conftest import xla_flags
 
 comps = load_components("tiny-sdxl")
 story = parse_story(STORY, id_length=2)
@@ -62,7 +63,7 @@ print("RESULT" + json.dumps(out))
 
 def test_window_eight_devices_match_one():
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 from story_samples import STORY
+from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--steps", "3", "--height", "64", "--width", "64", "--quiet"]
@@ -87,7 +88,7 @@ def test_eight_devices_match_one(tmp_path):
     for n in (1, 8):
         out = tmp_path / f"out{n}"
         cli("--story", str(story), "--out", str(out), "--id-length", "2", "--read-batch", str(n), *FAST,
-            env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}, check=True)
+            env={"XLA_FLAGS": xla_flags(n)}, check=True)
         manifest = json.loads((out / "story.json").read_text())
         assert len(manifest["devices"]) == n
         outs.append(out)

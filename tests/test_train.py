@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, SAVE_EVERY, CLIPS = 12, 4, 8
@@ -34,7 +35,7 @@ def _run_args(data, workdir, **over):
 
 
 def _env(devices=8):
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices)}
 
 
 def write_clips(folder, n=CLIPS, frames=4, size=64):
