@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from conftest import xla_flags
 
 _DEVICES_SCRIPT = r"""
 import json, sys
@@ -27,7 +28,6 @@ from storydiff_jax.pipelines import StoryOptions, StoryPipeline
 from storydiff_jax.pipelines.components import load_components
 from storydiff_jax.schedulers import make_sampler
 from storydiff_jax.story import parse_story
-from conftest import xla_flags
 
 comps = load_components("tiny-sdxl")
 story = parse_story(STORY, id_length=2)
