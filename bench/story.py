@@ -44,27 +44,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import hashlib
 import importlib.util
-import json
-import os
-import platform
-import resource
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import (ROOT, cpu_model, fmt_bytes, fmt_s, machine, peak_rss_bytes, ratio,
+                     settings_key, shown_command, spawn, write_worker_result)
 for p in (str(ROOT), str(ROOT / "tests")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
 MODES = ("bank", "window", "torch")
-MiB, GiB = 2 ** 20, 2 ** 30
 NAMES = ["Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana"]
 LOOKS = ["a young woman with short red hair and a green raincoat", "an old man with a white beard and a blue cap",
          "a girl with black braids and a yellow dress", "a tall man in a grey suit with round glasses",
@@ -115,38 +108,6 @@ def synthetic_story(characters: int, id_length: int, panels: int) -> str:
 # Helpers
 # --------------------------------------------------------------------------------------------------
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # Linux: KiB
-
-
-def _proc_line(path: str, prefix: str) -> str | None:
-    try:
-        with open(path) as f:
-            return next((line for line in f if line.startswith(prefix)), None)
-    except OSError:
-        return None
-
-
-def cpu_model() -> str:
-    line = _proc_line("/proc/cpuinfo", "model name")
-    return line.split(":", 1)[1].strip() if line else (platform.processor() or "unknown CPU")
-
-
-def machine() -> str:
-    line = _proc_line("/proc/meminfo", "MemTotal")
-    mem = f", {int(line.split()[1]) / 2**20:.0f} GiB RAM" if line else ""
-    return f"{platform.node() or 'host'}: {cpu_model()}, {os.cpu_count()} CPUs{mem}, Python {platform.python_version()}"
-
-
-def fmt_bytes(n) -> str:
-    if n is None:
-        return "n/a"
-    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
-
-
-def fmt_s(x) -> str:
-    return "n/a" if x is None else (f"{x:.2f} s" if x < 100 else f"{x:.0f} s")
-
 
 def resolve_dtype(name: str, gpu: bool) -> str:
     """auto: the reference's dtype (float16 on GPU, float32 on CPU)."""
@@ -163,8 +124,7 @@ def _settings_key(args, mode: str) -> str:
         fields["torch_threads"] = args.torch_threads
     if mode == "scaling":
         fields["scaling_panels"] = args.scaling_panels
-    blob = json.dumps(fields, sort_keys=True)
-    return f"{mode}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
+    return settings_key(mode, fields)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,60 +325,14 @@ def torch_worker(args) -> dict:
 
 
 def run_worker(args) -> int:
-    try:
-        if args.worker == "torch":
-            res = torch_worker(args)
-        elif args.worker == "scaling":
-            res = scaling_worker(args)
-        else:
-            res = jax_worker(args, args.worker)
-    except Exception as e:  # noqa: BLE001 - reported in the table, not fatal for the other modes
-        traceback.print_exc()
-        res = {"mode": args.worker, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    Path(args.result).write_text(json.dumps(res, indent=1))
-    return 0 if "error" not in res else 1
+    workers = {"torch": torch_worker, "scaling": scaling_worker}
+    work = (lambda: workers[args.worker](args)) if args.worker in workers else (lambda: jax_worker(args, args.worker))
+    return write_worker_result("mode", args.worker, work, args.result)
 
 
 # --------------------------------------------------------------------------------------------------
 # The driver
 # --------------------------------------------------------------------------------------------------
-
-def worker_env(mode: str) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    # The first run must include compilation: no persistent compilation cache.
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    env.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
-    # Allocate on demand, so nothing but the peak counters say how much was needed.
-    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if mode == "torch":   # the reference imports storydiff_jax for the story and the draws: keep JAX off the GPU
-        env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
-def spawn(args, argv: list[str], mode: str, results_dir: Path) -> dict:
-    key = _settings_key(args, mode)
-    path = results_dir / f"{key}.json"
-    if args.reuse and path.exists():
-        res = json.loads(path.read_text())
-        if "error" not in res:
-            print(f"== {mode}: reusing {path}", flush=True)
-            res["reused"] = str(path)
-            return res
-    print(f"== {mode}: running in a subprocess", flush=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", mode, "--result", str(path)]
-    t0 = time.perf_counter()
-    rc = subprocess.run(cmd, cwd=ROOT, env=worker_env(mode), check=False).returncode
-    if not path.exists():
-        return {"mode": mode, "error": f"worker exited with code {rc} and wrote no result"}
-    res = json.loads(path.read_text())
-    res["wall_s"] = time.perf_counter() - t0
-    return res
-
-
-def _ratio(a, b):
-    return None if a is None or b is None or b == 0 else a / b
 
 
 def _mem(res: dict, gpu: bool):
@@ -454,8 +368,8 @@ def table(args, results: dict) -> str:
         if mode == "torch" or torch_res is None:
             tr = mr = "1 (reference)" if mode == "torch" else "n/a"
         else:
-            t = _ratio(torch_res["story_s"], r["story_s"])
-            m = _ratio(_mem(torch_res, gpu)[0], mem)
+            t = ratio(torch_res["story_s"], r["story_s"])
+            m = ratio(_mem(torch_res, gpu)[0], mem)
             tr = "n/a" if t is None else f"**{t:.2f}x**"
             mr = "n/a" if m is None else f"**{m:.2f}x**"
         lines.append(f"| {label} | {r.get('dtype', '')} | {first} | {fmt_s(r['story_s'])} | {phases} | "
@@ -483,22 +397,6 @@ def scaling_table(results: dict) -> str | None:
     return "\n".join(lines)
 
 
-def _shown(argv: list[str]) -> list[str]:
-    """The command line without the bookkeeping options (--out, --results, --reuse): they change no number."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in ("--out", "--results"):
-            skip = True
-            continue
-        if a == "--reuse" or a.startswith(("--out=", "--results=")):
-            continue
-        out.append(a)
-    return out
-
-
 def report(args, argv, results: dict) -> str:
     ok = [r for r in results.values() if "error" not in r]
     gpu = any(r.get("backend") == "gpu" for r in ok)
@@ -514,7 +412,7 @@ def report(args, argv, results: dict) -> str:
                  "times and ratios say nothing about the targets. The real measurement: `bash bench/run_gpu.sh story` "
                  "on a GPU machine (`python bench/story.py --preset sdxl --height 768 --width 768 --steps 35 "
                  "--panels 8 --id-length 4 --characters 1 --window-scaling --out docs/bench_story.md`)."), ""]
-    out += [f"Command: `python {' '.join(shlex.quote(a) for a in ['bench/story.py', *_shown(argv)])}`", ""]
+    out += [f"Command: `python {' '.join(shlex.quote(a) for a in ['bench/story.py', *shown_command(argv)])}`", ""]
     reused = sorted({str(Path(r["reused"]).parent) for r in results.values() if r.get("reused")})
     if reused:
         which = ", ".join(m for m, r in results.items() if r.get("reused"))
@@ -605,10 +503,9 @@ def main(argv=None) -> int:
     results_dir = args.results or Path(tempfile.mkdtemp(prefix="bench-story-"))
     results_dir.mkdir(parents=True, exist_ok=True)
     results = {}
-    for mode in modes:
-        results[mode] = spawn(args, argv, mode, results_dir)
-    if args.window_scaling:
-        results["scaling"] = spawn(args, argv, "scaling", results_dir)
+    for mode in modes + (["scaling"] if args.window_scaling else []):
+        results[mode] = spawn(__file__, argv, "mode", mode, results_dir / f"{_settings_key(args, mode)}.json",
+                              reuse=args.reuse, torch_side=mode == "torch")
     text = report(args, argv, results)
     print()
     print(text)

@@ -43,26 +43,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import hashlib
 import importlib.util
-import json
-import os
-import platform
-import resource
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import (ROOT, cpu_model, fmt_bytes, fmt_s, machine, peak_rss_bytes, ratio,
+                     settings_key, shown_command, spawn, write_worker_result)
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SIDES = ("ours", "torch")
-MiB, GiB = 2 ** 20, 2 ** 30
 PROMPT = "a red fox walks through a snowy forest, soft morning light"
 NEGATIVE = "blurry, low quality"
 TARGET = ("GPU, preset video, 512x512, 16 frames, 25 steps: ours >= 2x torch's frames/s at <= 1/2 its "
@@ -74,40 +67,6 @@ REAL_COMMAND = "python bench/transition.py --preset video --height 512 --width 5
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # Linux: KiB
-
-
-def _proc_line(path: str, prefix: str) -> str | None:
-    try:
-        with open(path) as f:
-            return next((line for line in f if line.startswith(prefix)), None)
-    except OSError:
-        return None
-
-
-def cpu_model() -> str:
-    line = _proc_line("/proc/cpuinfo", "model name")
-    return line.split(":", 1)[1].strip() if line else (platform.processor() or "unknown CPU")
-
-
-def machine() -> str:
-    line = _proc_line("/proc/meminfo", "MemTotal")
-    mem = f", {int(line.split()[1]) / 2**20:.0f} GiB RAM" if line else ""
-    load = "load average at the end {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
-    return (f"{platform.node() or 'host'}: {cpu_model()}, {os.cpu_count()} CPUs{mem}, Python "
-            f"{platform.python_version()}; {load}")
-
-
-def fmt_bytes(n) -> str:
-    if n is None:
-        return "n/a"
-    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
-
-
-def fmt_s(x) -> str:
-    return "n/a" if x is None else (f"{x:.2f} s" if x < 100 else f"{x:.0f} s")
 
 
 def pictures(height: int, width: int):
@@ -130,8 +89,7 @@ def _settings_key(args, side: str) -> str:
     fields["side"] = side
     if side == "torch":
         fields["torch_threads"] = args.torch_threads
-    blob = json.dumps(fields, sort_keys=True)
-    return f"{side}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
+    return settings_key(side, fields)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,54 +299,13 @@ def torch_worker(args) -> dict:
 
 
 def run_worker(args) -> int:
-    try:
-        res = torch_worker(args) if args.worker == "torch" else ours_worker(args)
-    except Exception as e:  # noqa: BLE001 - reported in the table, not fatal for the other side
-        traceback.print_exc()
-        res = {"side": args.worker, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    Path(args.result).write_text(json.dumps(res, indent=1))
-    return 0 if "error" not in res else 1
+    work = (lambda: torch_worker(args)) if args.worker == "torch" else (lambda: ours_worker(args))
+    return write_worker_result("side", args.worker, work, args.result)
 
 
 # --------------------------------------------------------------------------------------------------
 # The driver
 # --------------------------------------------------------------------------------------------------
-
-def worker_env(side: str) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    # The first call must include compilation: no persistent compilation cache.
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    env.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
-    # Allocate on demand, so the peak counter says how much was needed, not how much was reserved.
-    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if side == "torch":   # the torch side imports storydiff_jax for the configs: keep JAX off the GPU
-        env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
-def spawn(args, argv: list[str], side: str, results_dir: Path) -> dict:
-    path = results_dir / f"{_settings_key(args, side)}.json"
-    if args.reuse and path.exists():
-        res = json.loads(path.read_text())
-        if "error" not in res:
-            print(f"== {side}: reusing {path}", flush=True)
-            res["reused"] = str(path)
-            return res
-    print(f"== {side}: running in a subprocess", flush=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", side, "--result", str(path)]
-    t0 = time.perf_counter()
-    rc = subprocess.run(cmd, cwd=ROOT, env=worker_env(side), check=False).returncode
-    if not path.exists():
-        return {"side": side, "error": f"worker exited with code {rc} and wrote no result"}
-    res = json.loads(path.read_text())
-    res["wall_s"] = time.perf_counter() - t0
-    return res
-
-
-def _ratio(a, b):
-    return None if a is None or b is None or b == 0 else a / b
 
 
 def _mem(res: dict, gpu: bool):
@@ -416,29 +333,13 @@ def table(args, results: dict, gpu: bool) -> str:
         if side == "torch" or ref is None:
             tr = mr = "1 (reference)" if side == "torch" else "n/a"
         else:
-            t = _ratio(ref["video_s"], r["video_s"])
-            m = _ratio(_mem(ref, gpu), _mem(r, gpu))
+            t = ratio(ref["video_s"], r["video_s"])
+            m = ratio(_mem(ref, gpu), _mem(r, gpu))
             tr = "n/a" if t is None else f"**{t:.2f}x**"
             mr = "n/a" if m is None else f"**{m:.2f}x**"
         lines.append(f"| {label} | {r['dtype']} | {fmt_s(r['first_s'])} | {fmt_s(r['video_s'])} | {fps:.2f} | "
                      f"{phases} | {fmt_bytes(_mem(r, gpu))} | {tr} | {mr} |")
     return "\n".join(lines)
-
-
-def _shown(argv: list[str]) -> list[str]:
-    """The command line without the bookkeeping options (--out, --results, --reuse): they change no number."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in ("--out", "--results"):
-            skip = True
-            continue
-        if a == "--reuse" or a.startswith(("--out=", "--results=")):
-            continue
-        out.append(a)
-    return out
 
 
 def report(args, argv, results: dict) -> str:
@@ -454,7 +355,7 @@ def report(args, argv, results: dict) -> str:
         out += [(f"> **Functional run only** ({what}): it shows the benchmark runs end to end on both sides; its "
                  "times and ratios say nothing about the targets. The real measurement: `bash bench/run_gpu.sh "
                  f"transition` on a GPU machine (`{REAL_COMMAND}`)."), ""]
-    out += [f"Command: `python {' '.join(shlex.quote(a) for a in ['bench/transition.py', *_shown(argv)])}`", ""]
+    out += [f"Command: `python {' '.join(shlex.quote(a) for a in ['bench/transition.py', *shown_command(argv)])}`", ""]
     reused = sorted({str(Path(r["reused"]).parent) for r in results.values() if r.get("reused")})
     if reused:
         which = ", ".join(s for s, r in results.items() if r.get("reused"))
@@ -462,7 +363,7 @@ def report(args, argv, results: dict) -> str:
                 f"{', '.join(reused)}.)", ""]
     devices = "; ".join(f"{r['side']}: {r.get('backend')} {r.get('device')} ({r.get('versions')}"
                         + (f", {r['threads']} thread(s)" if r.get("threads") and not gpu else "") + ")" for r in ok)
-    out += [f"Machine: {machine()}. {devices}", ""]
+    out += [f"Machine: {machine(load=True)}. {devices}", ""]
     out.append(table(args, results, gpu))
     out.append("")
     out.append("Per video: the fastest call after the first (one call = image encoding, SMP, text encoding, "
@@ -547,7 +448,8 @@ def main(argv=None) -> int:
         args.sides = sides
     results_dir = args.results or Path(tempfile.mkdtemp(prefix="bench-transition-"))
     results_dir.mkdir(parents=True, exist_ok=True)
-    results = {side: spawn(args, argv, side, results_dir) for side in sides}
+    results = {side: spawn(__file__, argv, "side", side, results_dir / f"{_settings_key(args, side)}.json",
+                         reuse=args.reuse, torch_side=side == "torch") for side in sides}
     text = report(args, argv, results)
     print()
     print(text)
