@@ -262,7 +262,7 @@ class StoryApp:
     def story_panel_files(self, folder: str) -> tuple[list[str], list[str]]:
         import infer.transition
 
-        return infer.transition._read_story_dir(folder)
+        return infer.transition.read_story_dir(folder)
 
 
 # ----------------------------------------------------------------------------------------------- the page

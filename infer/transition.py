@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_story_dir(folder: str) -> tuple[list[str], list[str]]:
+def read_story_dir(folder: str) -> tuple[list[str], list[str]]:
     """(panel image paths, panel prompts) of an infer.story output folder."""
     from storydiff_jax.errors import ConfigError
 
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace, log=print, *, pipe=None) -> str:
     if args.story_dir:
         if args.start or args.end:
             raise ConfigError("give either --story-dir or --start/--end, not both")
-        files, prompts = _read_story_dir(args.story_dir)
+        files, prompts = read_story_dir(args.story_dir)
     elif args.start and args.end:
         files, prompts = [args.start, args.end], [args.prompt or "", args.prompt or ""]
     else:

@@ -28,7 +28,7 @@ FORMAT = "storydiff-jax"
 FORMAT_VERSION = 1
 
 
-def _nest(flat: Mapping[str, np.ndarray]) -> dict:
+def nest(flat: Mapping[str, np.ndarray]) -> dict:
     tree: dict = {}
     for key, value in flat.items():
         node = tree
@@ -67,7 +67,7 @@ def save_params(path: str, flat: Mapping[str, np.ndarray]) -> None:
         (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
     try:
-        checkpointer.save(os.path.abspath(path), args=ocp.args.PyTreeSave(_nest(flat)))
+        checkpointer.save(os.path.abspath(path), args=ocp.args.PyTreeSave(nest(flat)))
     finally:
         checkpointer.close()
     release_memory()

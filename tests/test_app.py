@@ -6,7 +6,6 @@ line, nothing written), upload checks, and the queue (one run at a time, the nex
 AppServer is shared with tests/test_app_browser.py.
 """
 
-import io
 import json
 import os
 import socket

@@ -17,7 +17,7 @@ from storydiff_jax.errors import CheckpointError
 
 def export(workdir: str, dst: str, *, overwrite: bool = False, log=print) -> str:
     from storydiff_jax.checkpoints import PipelineWriter
-    from storydiff_jax.pipelines.components import _preset_tokenizer_dir
+    from storydiff_jax.pipelines.components import preset_tokenizer_dir
     from storydiff_jax.pipelines.video_components import PRESETS, load_video_components
 
     from .config import read_run
@@ -36,7 +36,7 @@ def export(workdir: str, dst: str, *, overwrite: bool = False, log=print) -> str
     components = load_video_components(cfg.model)
     config = dataclasses.replace(components.config, smp=smp_config_for(components.config))
 
-    tokenizer = (_preset_tokenizer_dir("<|endoftext|>") if cfg.model in PRESETS
+    tokenizer = (preset_tokenizer_dir("<|endoftext|>") if cfg.model in PRESETS
                  else os.path.join(cfg.model, "tokenizer"))
     with PipelineWriter(dst, overwrite=overwrite) as writer:
         for name in config.components:

@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from storydiff_jax.checkpoints import _nest as nest   # {"a.b": x} -> {"a": {"b": x}}
+from storydiff_jax.checkpoints import nest   # {"a.b": x} -> {"a": {"b": x}}
 from storydiff_jax.errors import ConfigError
 from storydiff_jax.images import CLIP_MEAN, CLIP_STD
 from storydiff_jax.models.clip_text import tokenize

@@ -154,7 +154,7 @@ def _random_models(config: PipelineConfig, seed: int, dtype) -> dict[str, nnx.Mo
 _PRESET_TOKENIZERS: dict[str, str] = {}
 
 
-def _preset_tokenizer_dir(pad_token: str) -> str:
+def preset_tokenizer_dir(pad_token: str) -> str:
     """CLIP tokenizer files built once per process from the shipped BPE merges."""
     if pad_token not in _PRESET_TOKENIZERS:
         folder = tempfile.mkdtemp(prefix="storydiff-tokenizer-")
@@ -168,8 +168,8 @@ def load_components(source: str, *, dtype=jnp.float32, seed: int = 0) -> Compone
     if source in PRESETS:
         config = PRESETS[source]
         models = _random_models(config, seed, dtype)
-        tok = clip_text.load_tokenizer(_preset_tokenizer_dir("<|endoftext|>"))
-        tok2 = clip_text.load_tokenizer(_preset_tokenizer_dir("!")) if config.text_encoder_2 else None
+        tok = clip_text.load_tokenizer(preset_tokenizer_dir("<|endoftext|>"))
+        tok2 = clip_text.load_tokenizer(preset_tokenizer_dir("!")) if config.text_encoder_2 else None
         return Components(config, models["unet"], models["vae"], models["text_encoder"],
                           models.get("text_encoder_2"), tok, tok2, f"preset:{source}", dtype)
     if not os.path.isdir(source):

@@ -30,7 +30,7 @@ from ..models.vae import AutoencoderKL, VAEConfig
 from ..models.video_unet import VideoUNet, VideoUNetConfig
 from ..params import abstract_params, build_with_params
 from ..schedulers import SchedulerConfig
-from .components import _preset_tokenizer_dir, component_dtype, random_params
+from .components import preset_tokenizer_dir, component_dtype, random_params
 
 ARCH = "sd15-video"
 # Order of the components in a converted folder; `smp` is optional.
@@ -199,7 +199,7 @@ def load_video_components(source: str, *, dtype=jnp.float32, seed: int = 0,
             build, dt = _build(name, config, dtype)
             params = random_params(abstract_params(build), seed * 7919 + 101 + i)
             models[name] = build_with_params(build, params, dtype=dt, what=name)
-        tokenizer_dir = _preset_tokenizer_dir("<|endoftext|>")
+        tokenizer_dir = preset_tokenizer_dir("<|endoftext|>")
         source_name = f"preset:{source}"
     else:
         models = {}
