@@ -146,17 +146,24 @@ class PrepareClip:
 
 
 def make_loader(source: ClipSource, *, per_host_batch: int, seed: int, num_frames: int, resolution: int,
-                tokenizer, shard_by_process: bool = True):
+                tokenizer, shard_by_process: bool = True, shard: tuple[int, int] | None = None):
     """grain DataLoader: seeded shuffle, endless epochs, one shard per JAX process, per-host batches.
 
     Its iterator (`iter(loader)`) has get_state/set_state and is saved with the model
     (`grain.checkpoint.CheckpointSave`), so a resumed run continues with exactly the next example.
+    `shard=(i, n)`: read shard i of n whatever this process is (what process i of an n-process run reads;
+    a one-process run can so assemble the global batches of a multi-host run).
     """
     import grain
 
     if len(source) == 0:
         raise ConfigError("the dataset is empty; add clips first")
-    shard = grain.sharding.ShardByJaxProcess(drop_remainder=True) if shard_by_process else grain.sharding.NoSharding()
+    if shard is not None:
+        shard = grain.sharding.ShardOptions(shard_index=shard[0], shard_count=shard[1], drop_remainder=True)
+    elif shard_by_process:
+        shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    else:
+        shard = grain.sharding.NoSharding()
     sampler = grain.samplers.IndexSampler(len(source), shard_options=shard, shuffle=True, num_epochs=None, seed=seed)
     prepare = PrepareClip(num_frames, resolution, tokenizer)
 
