@@ -16,18 +16,20 @@ global-norm clipping; batches sharded over a `data` (+ `fsdp`) mesh; orbax check
 step, RNG and the data iterator) that resume exactly, also after SIGKILL; SIGTERM saves before exiting.
 
 commands:
-  smp     train (or resume, when --workdir holds this run) on a clip folder
+  smp     train (or resume, when --workdir holds this run) on a clip folder or a WebVid build
   export  write a run's newest checkpoint as a converted video folder for `python -m infer.transition --model`
+  build-webvid  the WebVid TFDS builder: WebVid's CSVs + videos -> array_record clips of L frames at R x R
 
-Data today: a clip folder (index.json + one .npz of uint8 [T, H, W, 3] frames per clip), as written by
-train.data.write_clip_folder. Still to come: the WebVid TFDS builder (array_record) and a feature cache."""
+Data: a WebVid build (build-webvid; read through TFDS's array_record source, no TensorFlow needed), or a clip
+folder (index.json + one .npz of uint8 [T, H, W, 3] frames per clip, from train.data.write_clip_folder).
+Still to come: a feature cache."""
 
 
 def _smp_parser(sub):
     p = sub.add_parser("smp", help="train the SMP (+ image projection, IP layers, motion modules)",
                        description="Train or resume a run. All settings except --mesh, --save-every, --keep, "
                                    "--log-every must match when resuming in the same --workdir.")
-    p.add_argument("--data-dir", required=True, help="clip folder (index.json + clips/*.npz)")
+    p.add_argument("--data-dir", required=True, help="clip folder (index.json + clips/*.npz) or WebVid build")
     p.add_argument("--workdir", required=True, help="checkpoints, logs and TensorBoard events of this run")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="CONVERTED_DIR", help="folder written by `python -m convert video`")
@@ -63,11 +65,48 @@ def _smp_parser(sub):
     return p
 
 
+def _webvid_parser(sub):
+    from .webvid import DEFAULT_LAYOUT
+
+    p = sub.add_parser("build-webvid", help="WebVid CSVs + videos -> TFDS `webvid` dataset (array_record)",
+                       description="Build the `webvid` TFDS dataset: one clip per video, --frames frames --stride "
+                                   "apart from the middle of the video, short side resized to --resolution and "
+                                   "centre-cropped. Missing, corrupt and too-short videos are skipped and named in "
+                                   "the summary (printed, and webvid_build.json next to the records). The build "
+                                   "goes to DATA_DIR/webvid/l<L>_r<R>_s<S>/1.0.0 and appears only when complete.")
+    p.add_argument("--manual-dir", required=True,
+                   help="WebVid's CSV files (videoid, name, page_dir, duration, contentUrl) and the videos")
+    p.add_argument("--data-dir", required=True, help="TFDS data dir the build is written under")
+    p.add_argument("--frames", type=int, default=16, help="frames per clip (L)")
+    p.add_argument("--resolution", type=int, default=256, help="square frame side (R)")
+    p.add_argument("--stride", type=int, default=4, help="source frames between clip frames (AnimateDiff: 4)")
+    p.add_argument("--layout", default=DEFAULT_LAYOUT,
+                   help=f"video path under --manual-dir, a format string over CSV columns (default {DEFAULT_LAYOUT})")
+    p.add_argument("--limit", type=int, help="build only the first N rows of each CSV")
+    p.add_argument("--workers", type=int, default=1, help="decoding processes (output is the same for any number)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing build of the same settings")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _build_webvid(args) -> int:
+    def work():
+        from .webvid import build, format_summary
+
+        summary = build(args.manual_dir, args.data_dir, frames=args.frames, resolution=args.resolution,
+                        stride=args.stride, layout=args.layout, limit=args.limit, workers=args.workers,
+                        overwrite=args.overwrite, progress=not args.quiet)
+        print(format_summary(summary))
+
+    return run_command(work, interrupted="build stopped; nothing was written")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{smp,export}")
+    sub = parser.add_subparsers(dest="command", metavar="{smp,export,build-webvid}")
     _smp_parser(sub)
+    _webvid_parser(sub)
     e = sub.add_parser("export", help="newest checkpoint of a run -> converted video folder",
                        description="Write the trained SMP / image projection / IP layers / motion modules with the "
                                    "run's frozen parts as a folder that `python -m infer.transition --model` reads.")
@@ -78,6 +117,8 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "build-webvid":
+        return _build_webvid(args)
     if args.command == "export":
         from .export import export
 

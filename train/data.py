@@ -6,8 +6,9 @@ A data source is anything with random access (grain's `RandomAccessDataSource` p
     source[i]   -> {"id": str, "frames": uint8 [T, H, W, 3], "caption": str}
 
 `ClipFolderSource` reads a folder of `.npz` clips plus `index.json` (what the tests and small
-experiments write with `write_clip_folder`). The WebVid TFDS builder (array_record, read with
-`tfds.data_source`) is to come and only has to give the same records.
+experiments write with `write_clip_folder`). `open_source` also opens a WebVid TFDS build (array_record,
+`python -m train build-webvid`) as a `train.webvid.WebVidSource` giving the same records, read without
+TensorFlow.
 
 The pipeline (`make_loader`) is grain's DataLoader: an `IndexSampler` shuffled with a seed, sharded by
 JAX process (`ShardByJaxProcess`), endless epochs, per-host batches. Its iterator's state is saved in
@@ -103,8 +104,17 @@ def write_clip_folder(folder: str, clips: Iterable[Mapping]) -> str:
     return folder
 
 
-def open_source(data_dir: str) -> ClipSource:
-    """The data source of --data-dir (today: a clip folder; later also a TFDS WebVid build)."""
+def open_source(data_dir: str, *, frames: int | None = None, resolution: int | None = None) -> ClipSource:
+    """The data source of --data-dir: a WebVid TFDS build (found by its `webvid_build.json`, see
+    train/webvid.py) or a clip folder. A WebVid build's clips have one frame count and resolution: a run
+    of others (`frames`, `resolution`) is refused here, before anything is written."""
+    from . import webvid
+
+    if not os.path.isdir(data_dir):
+        raise ConfigError(f"--data-dir {data_dir}: no such folder; build WebVid into it (`python -m train "
+                          "build-webvid`) or write a clip folder (train.data.write_clip_folder)")
+    if not os.path.exists(os.path.join(data_dir, INDEX)) and webvid.is_build(data_dir):
+        return webvid.WebVidSource(data_dir, frames=frames, resolution=resolution)
     return ClipFolderSource(data_dir)
 
 

@@ -193,7 +193,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print) -
     timings = {}
     t0 = time.perf_counter()
     # Everything that can be wrong with the input is checked before the workdir is touched.
-    source = open_source(cfg.data_dir)
+    source = open_source(cfg.data_dir, frames=cfg.frames, resolution=cfg.resolution)
     config = load_video_config(cfg.model)
     sizes = parse_mesh(cfg.mesh, jax.device_count())
     check_batch(cfg.batch_size, sizes, jax.process_count())
