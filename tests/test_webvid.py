@@ -247,11 +247,17 @@ def test_cli_errors_are_one_line_and_leave_nothing(built, tmp_path, capsys):
     all_missing.mkdir()
     with open(all_missing / "list.csv", "w", newline="") as f:
         csv.writer(f).writerows([HEADER, ["9001", "x", "p", "", ""], ["9002", "y", "p", "", ""]])
+    val_gone = tmp_path / "valgone"     # a fine train CSV, a validation CSV of missing videos only
+    val_gone.mkdir()
+    for name, ids in (("results_train.csv", ["9101", "9102", "9103"]), ("results_val.csv", ["9201"])):
+        with open(val_gone / name, "w", newline="") as f:
+            csv.writer(f).writerows([HEADER] + [[i, "z", "p", "", ""] for i in ids])
     cases = {
         "no manual dir": ([tmp_path / "nowhere"], "no such folder"),
         "no csv": ([empty], "no .csv file"),
         "csv without the columns": ([no_columns], "no column videoid, name, page_dir"),
         "nothing buildable": ([all_missing], "nothing buildable"),
+        "empty validation split": ([val_gone], "nothing buildable in --manual-dir"),
         "bad layout field": ([manual, "--layout", "videos/{page}/{videoid}.mp4"], "no column page"),
         "frames": ([manual, "--frames", 1], "--frames 1"),
     }
@@ -263,6 +269,7 @@ def test_cli_errors_are_one_line_and_leave_nothing(built, tmp_path, capsys):
         seen.append(f"{what}: rc {rc}: {err}")
         assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and expect in err, (what, err)
         assert not out.exists() or not os.listdir(out), (what, os.listdir(out))   # no half-built dataset
+    assert "for split 'validation' (results_val.csv): 1 missing of 1 videos" in seen[4], seen[4]
     # A failed --overwrite keeps the earlier build whole.
     before = sorted(os.listdir(os.path.join(data, "webvid", CONFIG, "1.0.0")))
     assert cli("--manual-dir", all_missing, "--data-dir", data, "--frames", FRAMES, "--resolution", RES, "--stride",

@@ -41,7 +41,7 @@ import shutil
 import string
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -90,8 +90,8 @@ def layout_fields(layout: str) -> list[str]:
     return fields
 
 
-def read_manual_dir(manual_dir: str, layout: str, limit: int | None = None) -> dict[str, list[dict]]:
-    """{split: [{"videoid", "page_dir", "caption", "path"}, ...]} from the CSVs of `manual_dir` (CSV order)."""
+def csv_splits(manual_dir: str, layout: str) -> dict[str, str]:
+    """{split: CSV path} of `manual_dir`, each CSV's header checked against the columns the build needs."""
     if not os.path.isdir(manual_dir):
         raise ConfigError(f"--manual-dir {manual_dir}: no such folder; download WebVid's CSVs and videos into it")
     csvs = sorted(n for n in os.listdir(manual_dir) if n.lower().endswith(".csv")
@@ -101,37 +101,49 @@ def read_manual_dir(manual_dir: str, layout: str, limit: int | None = None) -> d
                           "videoid, name, page_dir, duration, contentUrl) there")
     fields = layout_fields(layout)
     needed = list(dict.fromkeys(REQUIRED_COLUMNS + tuple(fields)))
-    splits: dict[str, list[dict]] = {}
-    origin: dict[str, str] = {}
+    splits: dict[str, str] = {}
     for name in csvs:
         split = split_name(name, single=len(csvs) == 1)
-        if split in origin:
-            raise ConfigError(f"--manual-dir {manual_dir}: {origin[split]} and {name} both give split {split!r}; "
-                              "move one of them out")
-        origin[split] = name
-        path = os.path.join(manual_dir, name)
-        try:
-            with open(path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                header = [h.strip() for h in (reader.fieldnames or [])]
-                missing = [c for c in needed if c not in header]
-                if missing:
-                    raise ConfigError(f"{path}: no column {', '.join(missing)} (it has: {', '.join(header) or 'none'}); "
-                                      f"WebVid's CSVs have videoid, name, page_dir, duration, contentUrl"
-                                      + (f", and --layout {layout!r} needs {', '.join(fields)}" if fields else ""))
-                reader.fieldnames = header
-                rows = []
-                for row in reader:
-                    if limit is not None and len(rows) >= limit:
-                        break
-                    values = {k: (row.get(k) or "").strip() for k in header}
-                    rows.append({"videoid": values["videoid"], "page_dir": values.get("page_dir", ""),
-                                 "caption": row.get("name") or "",
-                                 "path": os.path.join(manual_dir, layout.format(**values))})
-        except (OSError, UnicodeDecodeError, csv.Error) as e:
-            raise ConfigError(f"{path}: cannot be read as a CSV ({e}); re-download it") from None
-        splits[split] = rows
+        if split in splits:
+            raise ConfigError(f"--manual-dir {manual_dir}: {os.path.basename(splits[split])} and {name} both give "
+                              f"split {split!r}; move one of them out")
+        path = splits[split] = os.path.join(manual_dir, name)
+        header = next(_csv_records(path), [])
+        missing = [c for c in needed if c not in header]
+        if missing:
+            raise ConfigError(f"{path}: no column {', '.join(missing)} (it has: {', '.join(header) or 'none'}); "
+                              f"WebVid's CSVs have videoid, name, page_dir, duration, contentUrl"
+                              + (f", and --layout {layout!r} needs {', '.join(fields)}" if fields else ""))
     return splits
+
+
+def _csv_records(path: str) -> Iterator[list[str]]:
+    """The CSV's records (the header first, stripped), read lazily: WebVid-10M's train CSV has 10.7M rows."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            for i, record in enumerate(reader):
+                yield [h.strip() for h in record] if i == 0 else record
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ConfigError(f"{path}: cannot be read as a CSV ({_first_line(e)}); re-download it") from None
+
+
+def csv_rows(path: str, manual_dir: str, layout: str, limit: int | None = None) -> Iterator[dict]:
+    """{"videoid", "page_dir", "caption", "path"} per row of a CSV checked by `csv_splits`, in file order."""
+    records = _csv_records(path)
+    header = next(records, [])
+    for n, record in enumerate(records):
+        if limit is not None and n >= limit:
+            break
+        row = dict(zip(header, record))
+        values = {k: (row.get(k) or "").strip() for k in header}
+        yield {"videoid": values["videoid"], "page_dir": values.get("page_dir", ""), "caption": row.get("name") or "",
+               "path": os.path.join(manual_dir, layout.format(**values))}
+
+
+def count_rows(path: str, limit: int | None = None) -> int:
+    n = sum(1 for _ in _csv_records(path)) - 1
+    return max(0, n if limit is None else min(n, limit))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -218,10 +230,12 @@ def _sample_row(row: dict, frames: int, stride: int, resolution: int):
     return ("ok", clip, start, total)
 
 
-def _ordered_map(fn, items: list, workers: int) -> Iterator:
-    """fn over items in order; with workers > 1 in spawned processes, at most 4 tasks per worker in flight."""
+def _ordered_map(fn, items: Iterable, workers: int) -> Iterator[tuple]:
+    """(item, fn(item)) in order; with workers > 1 in spawned processes, at most 4 tasks per worker in flight
+    (items are read lazily: a 10M-row CSV never sits in memory)."""
     if workers <= 1:
-        yield from map(fn, items)
+        for item in items:
+            yield item, fn(item)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -229,13 +243,14 @@ def _ordered_map(fn, items: list, workers: int) -> Iterator:
     # spawn, not fork: the parent may hold threads (TFDS, PyAV) that a forked child would inherit mid-lock.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending: deque = deque()
-        it = iter(items)
-        for item in it:
-            pending.append(pool.submit(fn, item))
+        for item in items:
+            pending.append((item, pool.submit(fn, item)))
             if len(pending) >= 4 * workers:
-                yield pending.popleft().result()
+                item, future = pending.popleft()
+                yield item, future.result()
         while pending:
-            yield pending.popleft().result()
+            item, future = pending.popleft()
+            yield item, future.result()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -280,7 +295,7 @@ def builder_class():
                      progress: bool = True, **kwargs):
             self.layout, self.limit, self.workers, self.progress = layout, limit, workers, progress
             self.reports: dict[str, BuildReport] = {}
-            self.empty_split: str | None = None
+            self.failure: ConfigError | None = None   # what stopped the build, as our one-line error
             super().__init__(**kwargs)
 
         def _info(self):
@@ -316,33 +331,38 @@ def builder_class():
             pass
 
         def _split_generators(self, dl_manager):
-            splits = read_manual_dir(os.fspath(dl_manager.manual_dir), self.layout, self.limit)
+            manual_dir = os.fspath(dl_manager.manual_dir)
+            splits = csv_splits(manual_dir, self.layout)
+            sizes = {split: count_rows(path, self.limit) for split, path in splits.items()}
             # TFDS cannot write an empty split, so a split that builds nothing fails the build: the small
             # splits go first, so that a broken validation CSV fails before hours of training videos.
-            order = sorted(splits, key=lambda k: len(splits[k]))
-            return {split: self._generate_examples(split, splits[split]) for split in order}
+            return {split: self._generate_examples(split, manual_dir, splits[split], sizes[split])
+                    for split in sorted(splits, key=sizes.get)}
 
-        def _generate_examples(self, split, rows):
+        def _generate_examples(self, split, manual_dir, path, rows):
             c = self.builder_config
-            report = self.reports.setdefault(split, BuildReport())
-            report.rows = len(rows)
-            seen, todo = set(), []
-            for row in rows:
-                if row["videoid"] in seen or not row["videoid"]:
-                    report.skipped.append({**_named(row), "reason": "duplicate",
-                                           "detail": "videoid repeats in this split" if row["videoid"] else
-                                           "empty videoid"})
-                else:
-                    seen.add(row["videoid"])
-                    todo.append(row)
+            report = self.reports.setdefault(split, BuildReport(rows=rows))
             bar = None
             if self.progress:
                 from tqdm import tqdm
 
-                bar = tqdm(total=len(todo), desc=f"webvid {split}", unit="video", leave=True)
+                bar = tqdm(total=rows, desc=f"webvid {split}", unit="video", leave=True)
+            seen = set()
+
+            def unique_rows():
+                for row in csv_rows(path, manual_dir, self.layout, self.limit):
+                    if row["videoid"] and row["videoid"] not in seen:
+                        seen.add(row["videoid"])
+                        yield row
+                        continue
+                    report.skipped.append({**_named(row), "reason": "duplicate", "detail":
+                                           "videoid repeats in this split" if row["videoid"] else "empty videoid"})
+                    if bar is not None:
+                        bar.update(1)
+
             sample = functools.partial(_sample_row, frames=c.frames, stride=c.stride, resolution=c.resolution)
             try:
-                for row, result in zip(todo, _ordered_map(sample, todo, self.workers)):
+                for row, result in _ordered_map(sample, unique_rows(), self.workers):
                     if bar is not None:
                         bar.update(1)
                     if result[0] == "skip":
@@ -354,18 +374,20 @@ def builder_class():
                     _, clip, start, total = result
                     yield row["videoid"], {"frames": clip, "caption": row["caption"], "videoid": row["videoid"],
                                            "page_dir": row["page_dir"], "start_frame": start, "source_frames": total}
+            except ConfigError as e:   # a CSV that breaks mid-way
+                self.failure = e
+                raise
             finally:
                 if bar is not None:
                     bar.close()
             if report.built == 0:
-                self.empty_split = split
-                raise _EmptySplit(split)   # TFDS re-raises it wrapped; _prepare turns it into a ConfigError
+                self.failure = ConfigError(
+                    f"nothing buildable in --manual-dir {manual_dir}"
+                    + (f" for split {split!r} ({os.path.basename(path)})" if split != "train" else "")
+                    + f": {_nothing_built(report)}; check --layout {self.layout!r} and the videos")
+                raise self.failure   # TFDS re-raises it wrapped; _prepare raises self.failure itself
 
     return WebVid
-
-
-class _EmptySplit(Exception):
-    pass
 
 
 def _named(row: dict) -> dict:
@@ -391,8 +413,9 @@ def build(manual_dir: str, data_dir: str, *, frames: int = 16, resolution: int =
     if workers < 1:
         raise ConfigError(f"--workers {workers}: must be >= 1")
     manual_dir = os.path.abspath(manual_dir)
-    splits = read_manual_dir(manual_dir, layout, limit)   # checked here too: errors before anything is created
-    if not any(splits.values()):
+    # Checked here too (headers, one row): input errors come before anything is created.
+    splits = csv_splits(manual_dir, layout)
+    if not any(next(csv_rows(p, manual_dir, layout), None) for p in splits.values()):
         raise ConfigError(f"--manual-dir {manual_dir}: the CSVs have no rows; nothing to build")
     final = build_dir(data_dir, frames, resolution, stride)
     if os.path.exists(final) and not overwrite:
@@ -441,14 +464,9 @@ def _prepare(tmp: str, settings: dict, workers: int, progress: bool) -> dict:
         builder.download_and_prepare(download_dir=os.path.join(tmp, "downloads"),
                                      download_config=tfds.download.DownloadConfig(manual_dir=settings["manual_dir"]))
     except Exception:
-        if builder.empty_split is None:
+        if builder.failure is None:
             raise
-        split = builder.empty_split
-        summary = _summary({split: builder.reports[split]}, settings)
-        raise ConfigError(f"nothing buildable in --manual-dir {settings['manual_dir']}"
-                          + (f" for split {split!r}" if len(builder.reports) > 1 or split != "train" else "")
-                          + f": {_skip_counts(summary)} of {summary['rows']} videos skipped (e.g. "
-                          f"{_first_skip(summary)}); check --layout {settings['layout']!r} and the videos") from None
+        raise builder.failure from None
     summary = _summary(builder.reports, settings)
     # TFDS wrote tmp/webvid/<config>/<version>/; that folder's files become the build folder.
     made = os.fspath(builder.data_dir)
@@ -463,7 +481,7 @@ def _prepare(tmp: str, settings: dict, workers: int, progress: bool) -> dict:
 
 def _summary(reports: dict, settings: dict) -> dict:
     splits, skipped = {}, []
-    for split, r in reports.items():
+    for split, r in sorted(reports.items(), key=lambda kv: (kv[0] != "train", kv[0])):
         counts = Counter(s["reason"] for s in r.skipped)
         splits[split] = {"rows": r.rows, "built": r.built, "skipped": {k: counts[k] for k in REASONS if counts[k]}}
         skipped += [{"split": split, **s} for s in r.skipped]
@@ -473,14 +491,12 @@ def _summary(reports: dict, settings: dict) -> dict:
             "built": sum(s["built"] for s in splits.values()), "splits": splits, "skipped": skipped}
 
 
-def _skip_counts(summary: dict) -> str:
-    counts = Counter(s["reason"] for s in summary["skipped"])
-    return ", ".join(f"{counts[k]} {k}" for k in REASONS if counts[k]) or "none"
-
-
-def _first_skip(summary: dict) -> str:
-    s = summary["skipped"][0] if summary["skipped"] else None
-    return f"{s['path']}: {s['reason']}, {s['detail']}" if s else "no rows"
+def _nothing_built(report: BuildReport) -> str:
+    """'N missing, M corrupt of K videos skipped (e.g. PATH: reason, detail)' for an empty split."""
+    counts = Counter(s["reason"] for s in report.skipped)
+    first = report.skipped[0] if report.skipped else None
+    return (", ".join(f"{counts[k]} {k}" for k in REASONS if counts[k]) or "none") + f" of {report.rows} videos " \
+        f"skipped (e.g. " + (f"{first['path']}: {first['reason']}, {first['detail']}" if first else "no rows") + ")"
 
 
 def format_summary(summary: dict, names: int = 20) -> str:
