@@ -221,6 +221,8 @@ def test_run_settings_must_match_the_build(built, tmp_path, capsys):
         assert isinstance(src, WebVidSource) and len(src) == 3
         rec = src[0]
         assert set(rec) >= {"id", "frames", "caption"} and rec["frames"].shape == (FRAMES, RES, RES, 3)
+    with pytest.raises(ConfigError, match="neither a WebVid build .* nor a clip folder"):
+        open_source(str(tmp_path))
     with pytest.raises(ConfigError) as e:
         open_source(data, frames=8, resolution=RES)
     msg = str(e.value)

@@ -113,8 +113,12 @@ def open_source(data_dir: str, *, frames: int | None = None, resolution: int | N
     if not os.path.isdir(data_dir):
         raise ConfigError(f"--data-dir {data_dir}: no such folder; build WebVid into it (`python -m train "
                           "build-webvid`) or write a clip folder (train.data.write_clip_folder)")
-    if not os.path.exists(os.path.join(data_dir, INDEX)) and webvid.is_build(data_dir):
-        return webvid.WebVidSource(data_dir, frames=frames, resolution=resolution)
+    if not os.path.exists(os.path.join(data_dir, INDEX)):
+        if webvid.is_build(data_dir):
+            return webvid.WebVidSource(data_dir, frames=frames, resolution=resolution)
+        raise ConfigError(f"--data-dir {data_dir}: neither a WebVid build ({webvid.SUMMARY}) nor a clip folder "
+                          f"({INDEX}); build one with `python -m train build-webvid` or write one with "
+                          "train.data.write_clip_folder")
     return ClipFolderSource(data_dir)
 
 
