@@ -192,14 +192,29 @@ print(json.dumps({"source": type(source).__name__, "len": len(source),
                   "frames": list(batches[0]["frames"].shape), "dtype": str(batches[0]["frames"].dtype),
                   "input_ids": list(batches[0]["input_ids"].shape),
                   "tensorflow_imported": "tensorflow" in sys.modules,
-                  "tensorflow_installed": importlib.util.find_spec("tensorflow") is not None}))
+                  "tensorflow_findable": importlib.util.find_spec("tensorflow") is not None}))
 """
 
 
-def test_training_reads_through_open_source_and_grain_without_tensorflow(built):
+FAKE_TENSORFLOW = """
+import os
+with open(os.environ["FAKE_TF_MARKER"], "a") as f:
+    f.write("tensorflow was imported\\n")
+raise ImportError("fake tensorflow")
+"""
+
+
+def test_training_reads_through_open_source_and_grain_without_tensorflow(built, tmp_path):
+    """A `tensorflow` package that records being imported sits first on the path (whether or not the real
+    one is installed): reading through open_source + make_loader must never try to import it."""
     _, data, _ = built
+    (tmp_path / "fake" / "tensorflow").mkdir(parents=True)
+    (tmp_path / "fake" / "tensorflow" / "__init__.py").write_text(FAKE_TENSORFLOW)
+    marker = tmp_path / "tf-imported"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "FAKE_TF_MARKER": str(marker),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), ROOT])}
     proc = subprocess.run([sys.executable, "-c", READ_WITHOUT_TF, data], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+                          env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     print(got)
@@ -207,7 +222,7 @@ def test_training_reads_through_open_source_and_grain_without_tensorflow(built):
     assert got["frames"] == [2, FRAMES, RES, RES, 3] and got["dtype"] == "uint8" and got["input_ids"] == [2, 77]
     flat = [i for b in got["ids"] for i in b]
     assert sorted(flat[:3]) == sorted(flat[3:6]) == ["1001", "1002", "1006"]   # each epoch: every clip once
-    assert not got["tensorflow_imported"]
+    assert not got["tensorflow_imported"] and not marker.exists()
 
 
 def test_run_settings_must_match_the_build(built, tmp_path, capsys):
