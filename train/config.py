@@ -21,6 +21,7 @@ RESUMABLE_CHANGES = ("mesh", "save_every", "keep", "log_every", "fsdp_min_size")
 class TrainConfig:
     model: str                      # preset name (`tiny-video`, `video`) or a `python -m convert video` folder
     data_dir: str
+    features: str = ""              # a `python -m train cache-features` folder of data_dir ("": encode in-step)
     steps: int = 1000
     batch_size: int = 8             # global, over all hosts and devices
     frames: int = 16                # L: frames per clip; the SMP sees the first and last
@@ -76,6 +77,9 @@ class TrainConfig:
         if not _is_preset(self.model):
             d["model"] = os.path.abspath(self.model)
         d["data_dir"] = os.path.abspath(self.data_dir)
+        # Whether (and which) cached features feed the step; None for in-step encoders, which is also what
+        # run.json files written before the cache existed give.
+        d["features"] = os.path.abspath(self.features) if self.features else None
         return d
 
 
@@ -121,5 +125,5 @@ def read_run(workdir: str) -> TrainConfig:
             from None
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     # Paths as resolved when the run started (the identity holds them absolute): export may run elsewhere.
-    d = {**d, "model": identity["model"], "data_dir": identity["data_dir"]}
+    d = {**d, "model": identity["model"], "data_dir": identity["data_dir"], "features": identity.get("features") or ""}
     return TrainConfig(**{k: v for k, v in d.items() if k in names})

@@ -160,13 +160,16 @@ class PrepareClip:
 
 
 def make_loader(source: ClipSource, *, per_host_batch: int, seed: int, num_frames: int, resolution: int,
-                tokenizer, shard_by_process: bool = True, shard: tuple[int, int] | None = None):
+                tokenizer, shard_by_process: bool = True, shard: tuple[int, int] | None = None,
+                prepared: bool = False):
     """grain DataLoader: seeded shuffle, endless epochs, one shard per JAX process, per-host batches.
 
     Its iterator (`iter(loader)`) has get_state/set_state and is saved with the model
     (`grain.checkpoint.CheckpointSave`), so a resumed run continues with exactly the next example.
     `shard=(i, n)`: read shard i of n whatever this process is (what process i of an n-process run reads;
     a one-process run can so assemble the global batches of a multi-host run).
+    `prepared`: the records are training examples already (a feature cache, train/features.py): batched
+    as they are, over the same shuffled indices.
     """
     import grain
 
@@ -186,5 +189,6 @@ def make_loader(source: ClipSource, *, per_host_batch: int, seed: int, num_frame
             return prepare(record)
 
     return grain.DataLoader(data_source=source, sampler=sampler,
-                            operations=[Prepare(), grain.transforms.Batch(per_host_batch, drop_remainder=True)],
+                            operations=[*([] if prepared else [Prepare()]),
+                                        grain.transforms.Batch(per_host_batch, drop_remainder=True)],
                             worker_count=0)

@@ -11,6 +11,10 @@ One step, for a batch of B clips of L frames (uint8 [B, L, R, R, 3]) and their c
                           text dropout (caption -> "") and image dropout (tokens -> the zero image's tokens,
                           what inference uses as the unconditional branch) for classifier-free guidance.
 
+With a feature cache (train/features.py) the frozen encoders' outputs come in with the batch instead of the
+frames: `cached_conditioning` draws the same posterior sample and dropouts from them with the same keys, and
+the compiled step holds no VAE encoder, CLIP vision or text encoder (nor are their weights on the devices).
+
 Parameters are plain nested dicts of arrays (`{component: {module: ...}}`), so the state is an ordinary
 pytree for optax and orbax; modules are rebuilt from them inside the jitted step (`Assembler`).
 Randomness: one key per step, `fold_in(run key, step)`, drawn over global shapes, so a step's noise does
@@ -36,6 +40,7 @@ from storydiff_jax.errors import ConfigError
 from storydiff_jax.images import CLIP_MEAN, CLIP_STD
 from storydiff_jax.models.clip_text import tokenize
 from storydiff_jax.models.smp import SMPConfig, smp_init_params
+from storydiff_jax.models.vae import VAEConfig
 from storydiff_jax.params import path_str
 from storydiff_jax.pipelines.components import component_dtype
 from storydiff_jax.pipelines.video_components import BUILDERS, VideoComponents, VideoPipelineConfig
@@ -45,6 +50,8 @@ from .config import TrainConfig
 
 TRAINED = ("image_proj", "smp", "unet")      # components with trainable parameters (unet: a subset)
 FROZEN_ONLY = ("vae", "image_encoder", "text_encoder")
+RAW_BATCH = ("frames", "input_ids")
+CACHED_BATCH = ("latent_mean", "latent_logvar", "image_feats", "text_states")   # train/features.py
 
 
 def is_trainable(component: str, path: str, freeze_motion: bool) -> bool:
@@ -108,18 +115,20 @@ def all_values(model: nnx.Module) -> dict[str, jax.Array]:
     return {path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
 
 
-def split_params(components: VideoComponents, cfg: TrainConfig, *, smp_from_model: bool):
+def split_params(components: VideoComponents, cfg: TrainConfig, *, smp_from_model: bool,
+                 only: tuple[str, ...] = ("unet", "vae", "text_encoder", "image_encoder", "image_proj", "smp")):
     """(trainable {component: flat}, frozen {component: flat}, video config with an SMP) as float32 numpy.
 
     smp_from_model: start from the model's SMP (a converted folder's trained one); else the training
     initialisation `smp_init_params` (zero proj_out: the untrained SMP is plain interpolation).
+    only: the components wanted (the feature cache needs just the frozen encoders).
     """
     config = components.config
     smp_cfg = smp_config_for(config)
     config = dataclasses.replace(config, smp=smp_cfg)
     trainable: dict = {}
     frozen: dict = {}
-    for name in ("unet", "vae", "text_encoder", "image_encoder", "image_proj", "smp"):
+    for name in only:
         if name == "smp":
             values = (all_values(components.smp) if smp_from_model and components.smp is not None
                       else smp_init_params(smp_cfg, seed=cfg.seed))
@@ -239,6 +248,21 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
                        optax.add_decayed_weights(cfg.weight_decay))
 
 
+def vae_pixels(frames: jax.Array) -> jax.Array:
+    """uint8 [B, L, R, R, 3] -> VAE input [B * L, R, R, 3] in [-1, 1]."""
+    b, l, h, w, c = frames.shape
+    return frames.reshape(b * l, h, w, c).astype(jnp.float32) / 127.5 - 1.0
+
+
+def posterior_latents(vae: VAEConfig, mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Array:
+    """A sample of the VAE posterior N(mean, exp(logvar)), shifted and scaled into diffusion space: the
+    formula of `AutoencoderKL.encode_latents(images, key)` operation for operation (float32 arithmetic,
+    the sample cast back to the moments' dtype), so cached moments give exactly the in-step latents."""
+    noise = jax.random.normal(key, mean.shape, jnp.float32)
+    z = (mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * noise).astype(mean.dtype)
+    return (z - (vae.shift_factor or 0.0)) * vae.scaling_factor
+
+
 def clip_pixels(frames: jax.Array, size: int) -> jax.Array:
     """uint8 [n, R, R, 3] -> CLIP input [n, size, size, 3]: bicubic resize (antialiased), normalised.
 
@@ -305,22 +329,70 @@ class Trainer:
             out[name] = asm.merge(flat)
         return out
 
+    def encoders(self, frozen: dict) -> dict[str, nnx.Module]:
+        return {n: self.assemblers[n].merge(frozen[n]) for n in FROZEN_ONLY}
+
+    def end_pixels(self, frames: jax.Array) -> jax.Array:
+        """uint8 [B, L, R, R, 3] -> CLIP input of the first frames, then the last frames [2B, S, S, 3]."""
+        ends = jnp.concatenate([frames[:, 0], frames[:, frames.shape[1] - 1]])
+        return clip_pixels(ends, self.config.image_encoder.image_size)
+
     def conditioning(self, frozen: dict, batch: dict, key: jax.Array):
         """Frozen encoders: latents [B, L, h, w, C], CLIP features of the ends (+ zero image), text tokens."""
-        m = {n: self.assemblers[n].merge(frozen[n]) for n in FROZEN_ONLY}
+        m = self.encoders(frozen)
         frames = batch["frames"]                                          # uint8 [B, L, R, R, 3]
-        b, l, r = frames.shape[0], frames.shape[1], frames.shape[2]
+        b, l = frames.shape[0], frames.shape[1]
         k_vae, k_text = jax.random.split(key)
-        images = frames.reshape(b * l, r, r, 3).astype(jnp.float32) / 127.5 - 1.0
-        latents = m["vae"].encode_latents(images, key=k_vae).astype(jnp.float32)
+        latents = m["vae"].encode_latents(vae_pixels(frames), key=k_vae).astype(jnp.float32)
         latents = latents.reshape(b, l, *latents.shape[1:])
         size = self.config.image_encoder.image_size
-        ends = jnp.concatenate([frames[:, 0], frames[:, l - 1]])          # [2B, R, R, 3]: starts, then ends
-        pixels = jnp.concatenate([clip_pixels(ends, size), jnp.zeros((1, size, size, 3), jnp.float32)])
+        pixels = jnp.concatenate([self.end_pixels(frames), jnp.zeros((1, size, size, 3), jnp.float32)])
         feats = m["image_encoder"](pixels).penultimate
         drop_text = jax.random.bernoulli(k_text, self.cfg.text_drop, (b,))
         ids = jnp.where(drop_text[:, None], jnp.asarray(self.empty_ids)[None], batch["input_ids"])
         ctx = m["text_encoder"](ids).last_hidden_state
+        return jax.lax.stop_gradient((latents, feats, ctx))
+
+    # -- the feature cache (train/features.py): the frozen encoders' outputs, computed once --
+
+    def encode_features(self, frozen: dict, batch: dict) -> dict[str, jax.Array]:
+        """What `conditioning` computes before it draws anything, per clip: the VAE posterior's moments
+        (mean, logvar) of every frame, the CLIP penultimate states of the first and last frames, the
+        caption's text states. The posterior is kept as moments, not a sample, so that a cached step
+        still draws a fresh latent with its own key (`cached_conditioning`)."""
+        m = self.encoders(frozen)
+        frames = batch["frames"]
+        b, l = frames.shape[0], frames.shape[1]
+        mean, logvar = m["vae"].encode(vae_pixels(frames))
+        feats = m["image_encoder"](self.end_pixels(frames)).penultimate   # [2B, T, D]: starts, then ends
+        return {"latent_mean": mean.reshape(b, l, *mean.shape[1:]),
+                "latent_logvar": logvar.reshape(b, l, *logvar.shape[1:]),
+                "image_feats": jnp.stack([feats[:b], feats[b:]], axis=1),  # [B, 2, T, D]
+                "text_states": m["text_encoder"](batch["input_ids"]).last_hidden_state}
+
+    def constant_features(self, frozen: dict) -> dict[str, jax.Array]:
+        """The two conditioning inputs that do not depend on the clip: the all-zero image's CLIP states
+        (unconditional image tokens) and the text states of "" (text dropout)."""
+        m = self.encoders(frozen)
+        size = self.config.image_encoder.image_size
+        zero = jnp.zeros((1, size, size, 3), jnp.float32)
+        return {"uncond_image": m["image_encoder"](zero).penultimate,
+                "empty_text": m["text_encoder"](jnp.asarray(self.empty_ids)[None]).last_hidden_state[0]}
+
+    def cached_conditioning(self, frozen: dict, batch: dict, key: jax.Array):
+        """`conditioning` from cached features: the same keys, the same posterior-sample formula, the same
+        dropout draws; the encoders are not in the program (frozen["features"] holds the constants)."""
+        const = frozen["features"]
+        mean, logvar = batch["latent_mean"], batch["latent_logvar"]      # [B, L, h, w, C]
+        b, l = mean.shape[:2]
+        k_vae, k_text = jax.random.split(key)
+        latents = posterior_latents(self.config.vae, mean.reshape(b * l, *mean.shape[2:]),
+                                    logvar.reshape(b * l, *logvar.shape[2:]), k_vae).astype(jnp.float32)
+        latents = latents.reshape(b, l, *latents.shape[1:])
+        ends = batch["image_feats"]
+        feats = jnp.concatenate([ends[:, 0], ends[:, 1], const["uncond_image"]])
+        drop_text = jax.random.bernoulli(k_text, self.cfg.text_drop, (b,))
+        ctx = jnp.where(drop_text[:, None, None], const["empty_text"][None], batch["text_states"])
         return jax.lax.stop_gradient((latents, feats, ctx))
 
     def loss(self, trainable: dict, frozen: dict, cond, key: jax.Array) -> jax.Array:
@@ -355,7 +427,8 @@ class Trainer:
         fold_in(run key, step), so it is the same on any mesh and after any resume."""
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         k_cond, k_loss = jax.random.split(key)
-        cond = self.conditioning(frozen, batch, k_cond)
+        conditioning = self.conditioning if "frames" in batch else self.cached_conditioning
+        cond = conditioning(frozen, batch, k_cond)
         return jax.value_and_grad(self.loss)(state["params"], frozen, cond, k_loss)
 
     def step_fn(self, state: dict, frozen: dict, batch: dict, lr: jax.Array):
@@ -368,9 +441,11 @@ class Trainer:
     # -- shardings and the jitted step --
 
     def shardings(self, mesh: Mesh, state, frozen):
+        """(state, frozen, batch) shardings; a `frozen` without the encoders is a cached-features run."""
+        keys = RAW_BATCH if "vae" in frozen else CACHED_BATCH
         return (tree_shardings(state, mesh, self.cfg.fsdp_min_size),
                 tree_shardings(frozen, mesh, self.cfg.fsdp_min_size),
-                {"frames": batch_sharding(mesh), "input_ids": batch_sharding(mesh)})
+                {k: batch_sharding(mesh) for k in keys})
 
     def jit_step(self, mesh: Mesh, state, frozen):
         """The train step with explicit in/out shardings; the state is donated (updated in place)."""
@@ -396,7 +471,7 @@ class Trainer:
 
 
 # Settings that do not enter the compiled step (the learning rate is an input; see `optimizer`).
-_OUTSIDE_PROGRAM = dict(model="", data_dir="", steps=1, lr=1.0, warmup=0, schedule="constant", seed=0,
+_OUTSIDE_PROGRAM = dict(model="", data_dir="", features="", steps=1, lr=1.0, warmup=0, schedule="constant", seed=0,
                         mesh="", save_every=1, keep=1, log_every=1)
 _TRAINERS: dict = {}
 
@@ -412,4 +487,5 @@ def put(tree, shardings):
 def global_batch(local: dict, mesh: Mesh) -> dict:
     """This host's part of the batch -> global arrays sharded over (data, fsdp)."""
     sh = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sh, np.asarray(local[k])) for k in ("frames", "input_ids")}
+    keys = RAW_BATCH if "frames" in local else CACHED_BATCH
+    return {k: jax.make_array_from_process_local_data(sh, np.asarray(local[k])) for k in keys}
