@@ -19,10 +19,16 @@ commands:
   smp     train (or resume, when --workdir holds this run) on a clip folder or a WebVid build
   export  write a run's newest checkpoint as a converted video folder for `python -m infer.transition --model`
   build-webvid  the WebVid TFDS builder: WebVid's CSVs + videos -> array_record clips of L frames at R x R
+  cache-features  the frozen encoders' outputs of a dataset, computed once (smp --features reads them)
 
 Data: a WebVid build (build-webvid; read through TFDS's array_record source, no TensorFlow needed), or a clip
-folder (index.json + one .npz of uint8 [T, H, W, 3] frames per clip, from train.data.write_clip_folder).
-Still to come: a feature cache."""
+folder (index.json + one .npz of uint8 [T, H, W, 3] frames per clip, from train.data.write_clip_folder)."""
+
+
+def _model_args(p):
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="CONVERTED_DIR", help="folder written by `python -m convert video`")
+    src.add_argument("--preset", choices=("tiny-video", "video"), help="random-weight model of that shape")
 
 
 def _smp_parser(sub):
@@ -31,9 +37,10 @@ def _smp_parser(sub):
                                    "--log-every must match when resuming in the same --workdir.")
     p.add_argument("--data-dir", required=True, help="clip folder (index.json + clips/*.npz) or WebVid build")
     p.add_argument("--workdir", required=True, help="checkpoints, logs and TensorBoard events of this run")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="CONVERTED_DIR", help="folder written by `python -m convert video`")
-    src.add_argument("--preset", choices=("tiny-video", "video"), help="random-weight model of that shape")
+    p.add_argument("--features", metavar="CACHE_DIR", default="",
+                   help="feature cache of --data-dir (`python -m train cache-features`): the step reads the frozen "
+                        "encoders' outputs from it instead of running them")
+    _model_args(p)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=8, help="global batch, over all devices and hosts")
     p.add_argument("--frames", type=int, default=16, help="frames per clip (L); the SMP sees the first and last")
@@ -89,6 +96,38 @@ def _webvid_parser(sub):
     return p
 
 
+def _features_parser(sub):
+    p = sub.add_parser("cache-features", help="the frozen encoders' outputs of a dataset, for `smp --features`",
+                       description="Compute once what the train step's frozen encoders give for each clip: the VAE "
+                                   "posterior's mean and log-variance of every frame, the CLIP penultimate states of "
+                                   "the first and last frames, the caption's text states (plus the zero image's and "
+                                   "the empty caption's). `smp --features OUT` then trains on them; it checks that "
+                                   "frames, resolution, dtype, model and dataset match. OUT appears only when complete.")
+    p.add_argument("--data-dir", required=True, help="clip folder or WebVid build")
+    p.add_argument("--out", required=True, metavar="CACHE_DIR")
+    _model_args(p)
+    p.add_argument("--frames", type=int, default=16, help="frames per clip (L), as the training run")
+    p.add_argument("--resolution", type=int, default=256, help="square frame side, as the training run")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="as the training run")
+    p.add_argument("--batch-size", type=int, default=8, help="clips per encoder call (over this host's devices)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing CACHE_DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _cache_features(args) -> int:
+    def work():
+        from .config import TrainConfig
+        from .features import write_features
+
+        cfg = TrainConfig(model=args.model or args.preset or "tiny-video", data_dir=args.data_dir,
+                          frames=args.frames, resolution=args.resolution, dtype=args.dtype,
+                          batch_size=args.batch_size)
+        write_features(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+
+    return run_command(work, interrupted="cache-features stopped; nothing was written")
+
+
 def _build_webvid(args) -> int:
     def work():
         from .webvid import build, format_summary
@@ -104,9 +143,10 @@ def _build_webvid(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{smp,export,build-webvid}")
+    sub = parser.add_subparsers(dest="command", metavar="{smp,export,build-webvid,cache-features}")
     _smp_parser(sub)
     _webvid_parser(sub)
+    _features_parser(sub)
     e = sub.add_parser("export", help="newest checkpoint of a run -> converted video folder",
                        description="Write the trained SMP / image projection / IP layers / motion modules with the "
                                    "run's frozen parts as a folder that `python -m infer.transition --model` reads.")
@@ -119,6 +159,8 @@ def main(argv=None) -> int:
         return 2
     if args.command == "build-webvid":
         return _build_webvid(args)
+    if args.command == "cache-features":
+        return _cache_features(args)
     if args.command == "export":
         from .export import export
 
@@ -138,7 +180,8 @@ def main(argv=None) -> int:
                           warmup=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,
                           clip_norm=args.clip_norm, text_drop=args.text_drop, image_drop=args.image_drop,
                           freeze_motion="motion" in args.freeze, dtype=args.dtype, remat=args.remat, seed=args.seed,
-                          mesh=args.mesh, save_every=args.save_every, keep=args.keep, log_every=args.log_every)
+                          mesh=args.mesh, save_every=args.save_every, keep=args.keep, log_every=args.log_every,
+                          features=args.features)
         summary = train(cfg, args.workdir, progress=not args.quiet)
         if summary["preempted"]:
             raise SystemExit(143)   # 128 + SIGTERM: the scheduler sees a preempted, resumable run

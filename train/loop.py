@@ -188,6 +188,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print) -
     from storydiff_jax.pipelines.video_components import PRESETS, load_video_components, load_video_config
 
     from .data import make_loader, open_source
+    from .features import open_features
     from .step import Trainer, check_batch, check_settings, global_batch, learning_rate, make_mesh, parse_mesh, put, split_params
 
     timings = {}
@@ -201,8 +202,12 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print) -
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir {workdir} exists and is not a folder; choose another --workdir")
     check_settings(cfg, config)
-    resuming = claim_workdir(workdir, cfg)   # the last input check: a workdir of another run
+    # A feature cache (train/features.py) must be of this run's frames, resolution, dtype, data and model.
+    cache = open_features(cfg, source) if cfg.features else None
     components = load_video_components(cfg.model)
+    if cache is not None:
+        cache.check_model(cfg, components)
+    resuming = claim_workdir(workdir, cfg)   # the last input check: a workdir of another run
     # A converted folder's trained SMP is fine-tuned; presets (random weights) and folders without one
     # start from the training initialisation (the SMP = plain interpolation).
     trainable, frozen, config = split_params(components, cfg,
@@ -211,10 +216,14 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print) -
 
     manager = checkpoint_manager(workdir, cfg)
     state = trainer.init_state(trainable)
+    if cache is not None:
+        frozen = cache.frozen(frozen)   # the encoders stay off the devices; their constant outputs instead
     state_sh, frozen_sh, _ = trainer.shardings(mesh, state, frozen)
     frozen = put(frozen, frozen_sh)
-    loader = make_loader(source, per_host_batch=cfg.batch_size // jax.process_count(), seed=cfg.seed,
-                         num_frames=cfg.frames, resolution=cfg.resolution, tokenizer=components.tokenizer)
+    data = source if cache is None else cache   # cached rows: the same indices, so the same clips per step
+    loader = make_loader(data, per_host_batch=cfg.batch_size // jax.process_count(), seed=cfg.seed,
+                         num_frames=cfg.frames, resolution=cfg.resolution, tokenizer=components.tokenizer,
+                         prepared=cache is not None)
     iterator = iter(loader)
     start = manager.latest_step() if resuming else None
     if start is not None:
