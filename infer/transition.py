@@ -152,11 +152,13 @@ def run(args: argparse.Namespace, log=print, *, pipe=None) -> str:
     config = load_video_config(source)
     stride = config.latent_stride
     height, width = _default_side(images[0], stride)
-    height, width = args.height or height, args.width or width
+    # `is None`, not `or`: an explicit 0 must reach check_options and be refused, not become the default.
+    pick = lambda given, default: default if given is None else given  # noqa: E731
+    height, width = pick(args.height, height), pick(args.width, width)
     smp = args.smp or ("predict" if config.smp is not None else "none")
     base = TransitionOptions(
-        prompt=args.prompt or "", negative=args.negative, frames=args.frames or defaults["frames"],
-        steps=args.steps or defaults["steps"], guidance=args.guidance, ip_scale=args.ip_scale, smp=smp,
+        prompt=args.prompt or "", negative=args.negative, frames=pick(args.frames, defaults["frames"]),
+        steps=pick(args.steps, defaults["steps"]), guidance=args.guidance, ip_scale=args.ip_scale, smp=smp,
         seed=args.seed, height=height, width=width, anchor=not args.no_anchor)
     check_options(config, base)
     if args.fps <= 0:

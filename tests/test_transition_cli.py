@@ -95,6 +95,7 @@ def _errors(root, a, b):
         "unreadable-image": (["--start", broken, "--end", b], "broken.png"),
         "too-few-frames": (["--start", a, "--end", b, "--frames", "1"], "frames 1 is outside 2..32"),
         "too-many-frames": (["--start", a, "--end", b, "--frames", "40"], "frames 40 is outside 2..32"),
+        "zero-frames": (["--start", a, "--end", b, "--frames", "0"], "frames 0 is outside 2..32"),  # not the default
         "bad-size": (["--start", a, "--end", b, "--height", "100"], "height 100 is not a positive multiple of 64"),
         "no-frames": ([], "no input frames"),
         "story-without-manifest": (["--story-dir", no_manifest], "no readable story.json"),
@@ -102,7 +103,7 @@ def _errors(root, a, b):
     }
 
 
-CASES = ["missing-image", "unreadable-image", "too-few-frames", "too-many-frames", "bad-size", "no-frames",
+CASES = ["missing-image", "unreadable-image", "too-few-frames", "too-many-frames", "zero-frames", "bad-size", "no-frames",
          "story-without-manifest", "story-one-panel"]
 
 
