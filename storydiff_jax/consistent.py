@@ -30,6 +30,7 @@ as we do. Only the official *old* app stored all id tokens and re-drew a selecti
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import jax
@@ -113,19 +114,37 @@ def compact_others(selection: np.ndarray, n: int, capacity: int | None = None) -
     return out, lengths
 
 
+def capacity_bound(n_tokens: int, rate: float, sigmas: float = 5.0, multiple: int = 16) -> int:
+    """A seed-independent capacity for the number of tokens a Bernoulli(rate) draw over `n_tokens` selects:
+    mean + 5 standard deviations, rounded up to a multiple of 16, at most `n_tokens`.
+
+    The capacities are static shapes of the compiled write/read programs. Sized from the actual draws they
+    changed with the seed, and a new seed recompiled both programs; sized from the distribution they depend
+    only on the story's shape. A draw beyond 5 sigma (probability ~3e-7 per draw) still works: the capacity
+    then grows to fit it (one recompile)."""
+    if n_tokens <= 0:
+        return 1
+    bound = rate * n_tokens + sigmas * math.sqrt(n_tokens * rate * (1.0 - rate))
+    return max(1, min(n_tokens, -(-math.ceil(bound) // multiple) * multiple))
+
+
 def draw_write_schedules(seed: int, n_chars: int, n_images: int, steps: int, layer_tokens: list[int],
                          image_hw: tuple[int, int], settings: CSASettings) -> list[WriteSchedule]:
     """One WriteSchedule per character, with capacities K_L and C_L shared by all (so banks stack and one
-    compiled write program serves every character)."""
+    compiled write program serves every character) and, but for a >5-sigma draw, by every seed
+    (`capacity_bound`)."""
     rng = np.random.default_rng([seed, 0x5A])
     resolutions = sorted(set(layer_tokens))
     selections = []
     for _ in range(n_chars):
         sel = {L: rng.random((steps, n_images * L)) < sampling_rate(L, image_hw, settings) for L in resolutions}
         selections.append((sel, draw_flips(rng, steps, len(layer_tokens), settings)))
-    capacity = {L: max([1] + [int(s[L].sum(1).max()) for s, _ in selections]) for L in resolutions}
-    other_cap = {L: max([1] + [compact_others(s[L][t], n_images)[1].max() for s, _ in selections
-                               for t in range(steps)]) for L in resolutions}
+    rate = {L: sampling_rate(L, image_hw, settings) for L in resolutions}
+    capacity = {L: max([capacity_bound(n_images * L, rate[L])]
+                       + [int(s[L].sum(1).max()) for s, _ in selections]) for L in resolutions}
+    other_cap = {L: max([capacity_bound((n_images - 1) * L, rate[L])]
+                        + [compact_others(s[L][t], n_images)[1].max() for s, _ in selections
+                           for t in range(steps)]) for L in resolutions}
     out = []
     for sel, flips in selections:
         index, valid, others, others_len = {}, {}, {}, {}

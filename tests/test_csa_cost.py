@@ -20,7 +20,8 @@ def test_sdxl_1024_write_flops_within_target():
     print(f"\nSDXL 1024², 4 id images: plain {r['flops_plain'] / 1e12:.2f} TFLOP, CSA {r['flops_csa'] / 1e12:.2f} "
           f"TFLOP, ratio {r['flops_ratio']:.3f}; keys per image {r['keys_per_image']}")
     assert r["flops_ratio"] <= 1.12
-    # CSA really adds keys (about 2.5 L at rate 0.5 with 4 images), so the ratio is not trivially 1.
+    # CSA really adds keys (about 2.5 L at rate 0.5 with 4 images), so the ratio is not trivially 1; the
+    # static capacity is the seed-independent bound mean + 5 sigma (`capacity_bound`): 2.64 L at L = 1024.
     assert r["flops_ratio"] > 1.05
     for L, keys in r["keys_per_image"].items():
-        assert 2.4 * L < keys < 2.6 * L
+        assert 2.4 * L < keys < 2.65 * L

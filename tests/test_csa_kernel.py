@@ -77,3 +77,23 @@ def test_compact_others_is_the_official_mask():
     assert others.shape[1] == lengths.max()
     with pytest.raises(ValueError):
         csa.compact_others(sel, n, capacity=int(lengths.max()) - 1)
+
+
+def test_capacities_do_not_depend_on_the_seed():
+    """Key capacities are static shapes of the write/read programs: sized from the draw's distribution (mean
+    + 5 sigma), so a new seed reuses the compiled programs; every real draw fits."""
+    layers, hw = [64, 64, 256, 256], (128, 128)          # 1/32- and 1/16-side layers of a 128x128 image
+    settings = csa.CSASettings(sa32=0.5, sa64=0.5)
+    shapes = set()
+    for seed in range(6):
+        for sched in csa.draw_write_schedules(seed, 2, 3, 5, layers, hw, settings):
+            shapes.add(tuple((L, sched.index[L].shape[1], sched.others[L].shape[2]) for L in (64, 256)))
+            for L in (64, 256):
+                assert sched.valid[L].sum(1).max() <= sched.index[L].shape[1]
+                assert sched.others_len[L].max() <= sched.others[L].shape[2]
+    assert len(shapes) == 1, shapes
+    (k64, c64), (k256, c256) = [(k, c) for _, k, c in next(iter(shapes))]
+    print(f"capacities: L=64 bank {k64} / others {c64}; L=256 bank {k256} / others {c256}")
+    assert (k64, c64, k256, c256) == tuple(csa.capacity_bound(n, 0.5) for n in (3 * 64, 2 * 64, 3 * 256, 2 * 256))
+    assert csa.capacity_bound(3 * 256, 0.5) < 3 * 256            # still well below "every token"
+    assert csa.capacity_bound(100, 0.0) == 1 and csa.capacity_bound(100, 1.0) == 100
