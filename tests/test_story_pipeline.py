@@ -35,8 +35,11 @@ def test_panels_pages_and_determinism(pipe):
     assert a.story.id_panels == {"Ana": [0, 2], "Bo": [1, 3]}
     b = pipe(STORY, opts(seed=1), progress=False)
     assert all(np.array_equal(x, y) for x, y in zip(arrays(a), arrays(b))), "same seed must give the same pixels"
+    compiled = {k: f._cache_size() for k, f in pipe._programs.items()}
     c = pipe(STORY, opts(seed=2), progress=False)
     assert not any(np.array_equal(x, y) for x, y in zip(arrays(a), arrays(c))), "a new seed must change panels"
+    # ...but not the programs: key capacities come from the rate, not the draw (`csa.capacity_bound`).
+    assert {k: f._cache_size() for k, f in pipe._programs.items()} == compiled
     # The bank holds both characters, K valid tokens per step at rate ~0.5 of 2 id images' tokens.
     bank = a.bank
     assert list(bank.characters) == ["Ana", "Bo"]
