@@ -173,7 +173,8 @@ def test_features_run_trains_and_resumes(setup, capsys):
     from train.loop import read_example_log, read_state
     from train.step import flatten
 
-    from storydiff_jax.pipelines.video_components import load_video_components
+    from storydiff_jax.models.clip_text import load_tokenizer
+    from storydiff_jax.pipelines.components import preset_tokenizer_dir
 
     work = setup["root"] / "run"
     args = _smp_args(setup["data"], setup["cache"], work)
@@ -201,8 +202,9 @@ def test_features_run_trains_and_resumes(setup, capsys):
     assert len(same) == len(params)
     assert read_example_log(str(work / "examples-p0.log")) == log
     # The cached run consumed exactly the clips a raw run with the same seed consumes.
+    tokenizer = load_tokenizer(preset_tokenizer_dir("<|endoftext|>"))   # the tiny-video preset's
     raw = iter(make_loader(open_source(setup["data"]), per_host_batch=2, seed=SEED, num_frames=4, resolution=64,
-                           tokenizer=load_video_components("tiny-video").tokenizer))
+                           tokenizer=tokenizer))
     assert [ids for _, ids in log] == [next(raw)["id"].tolist() for _ in range(STEPS)]
 
 
