@@ -64,7 +64,7 @@ def _smp_parser(sub):
     p.add_argument("--log-every", type=int, default=10, help="metrics every N steps")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: jax.distributed.initialize() (from the cluster's environment, or the "
-                        "three options below)")
+                        "three options below); run the same command on every host (docs/training.md)")
     p.add_argument("--coordinator", help="host:port of process 0 (with --distributed)")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
@@ -168,13 +168,15 @@ def main(argv=None) -> int:
                            interrupted="export stopped; nothing was written")
 
     def work():
+        from storydiff_jax.errors import ConfigError
+
         from .config import TrainConfig
-        from .loop import train
+        from .loop import init_distributed, train
 
         if args.distributed:
-            import jax
-
-            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+            init_distributed(args.coordinator, args.num_processes, args.process_id)
+        elif args.coordinator or args.num_processes is not None or args.process_id is not None:
+            raise ConfigError("--coordinator / --num-processes / --process-id need --distributed; add it")
         cfg = TrainConfig(model=args.model or args.preset or "tiny-video", data_dir=args.data_dir, steps=args.steps,
                           batch_size=args.batch_size, frames=args.frames, resolution=args.resolution, lr=args.lr,
                           warmup=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,

@@ -8,15 +8,22 @@ A run lives in its workdir:
     WORKDIR/examples-p<i>.log        `step<TAB>id,id,...`: the clips process i fed to each step
     WORKDIR/tensorboard/             event files (process 0)
 
+Several processes (hosts) share one workdir, as on a pod with a shared filesystem: process 0 writes
+run.json and the TensorBoard events, every process its example log and its grain iterator file, and orbax
+writes each array's shards from the processes that hold them.
+
 Resuming restores the newest complete checkpoint; orbax writes a step under a temporary name and renames
 it when complete, so a run killed at any moment (SIGKILL included) resumes from the last whole one and
 redoes the steps after it with the same data and the same randomness: the params reached at any step are
-bit-identical to an uninterrupted run's. SIGTERM (a preemption notice) saves the current step first.
+bit-identical to an uninterrupted run's. SIGTERM (a preemption notice) saves the current step first; with
+several processes the signal may reach one host only, and all hosts still save the same step (`Preemption`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -25,7 +32,7 @@ import numpy as np
 
 from storydiff_jax.errors import CheckpointError, ConfigError
 
-from .config import TrainConfig, claim_workdir
+from .config import RUN_FILE, TrainConfig, claim_workdir
 
 # Dense bf16 peak TFLOP/s per chip, by `device_kind` prefix (vendor datasheets). MFU is reported against
 # this; unknown kinds (CPUs, anything not listed) show "n/a".
@@ -44,13 +51,55 @@ def peak_tflops(device_kind: str) -> float | None:
     return None
 
 
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> None:
+    """`jax.distributed.initialize()` for a multi-host run: from the arguments, or (all None) from the
+    cluster's environment (TPU pods, SLURM, Open MPI, ...). Must run before anything touches a device.
+
+    CPU hosts exchange their collectives through gloo (set unless another implementation was chosen):
+    without a CPU collectives implementation a cross-process program cannot run on CPU devices.
+    """
+    import jax
+
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    except (RuntimeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"--distributed: jax.distributed.initialize failed ({first}); give every process the same "
+                          "--coordinator HOST:PORT (reachable, a free port on process 0) and --num-processes, and "
+                          "each its own --process-id, or run under a cluster JAX detects") from None
+
+
 @dataclass
 class Preemption:
-    """SIGTERM sets `requested`; the loop saves the current step and stops at the next step boundary."""
+    """SIGTERM (a preemption notice): the loop saves the step it reached and stops, on every host at the
+    same step.
+
+    One process: a Python handler sets `requested`, read at each step boundary.
+    Several processes: the notice may reach one host only, and hosts may be a step apart when it does.
+    JAX's preemption sync manager (started by `jax.distributed.initialize`; its own SIGTERM handler tells
+    the coordination service) agrees on a step every host still reaches (the largest step any host has
+    asked about, plus one); `reached(step)` is True on every host at that same step. Asking is a host-side
+    check, no collective, so the steps stay asynchronous. No Python handler then: it would replace JAX's.
+    """
+    processes: int = 1
+    log: object = print
     requested: bool = False
+    synced: bool = False
     previous: object = field(default=None, repr=False)
 
     def __enter__(self):
+        import jax
+
+        if self.processes > 1:
+            self.synced = bool(jax.config.jax_enable_preemption_service)
+            if not self.synced:
+                self.log("warning: jax_enable_preemption_service is off: SIGTERM is not synchronised across hosts "
+                         "and ends this process unsaved; the run resumes from its last periodic checkpoint")
+            return self
+
         def handler(signum, frame):
             self.requested = True
         try:
@@ -59,9 +108,63 @@ class Preemption:
             self.previous = None
         return self
 
+    def reached(self, step: int) -> bool:
+        """Save `step` (just completed) and stop? Every host must ask at every step, in order."""
+        if self.synced:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
     def __exit__(self, *exc):
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
+
+
+class EmulatedHosts:
+    """The global batches of an `n`-process run, read by one process: process i's per-host batch is what
+    shard i of n gives (`make_loader(shard=(i, n))`), concatenated in process order, which is how
+    `make_array_from_process_local_data` lays the hosts' parts out along the batch axis. A grain-style
+    iterator (get_state / set_state / start_prefetch), so it is checkpointed like the real one."""
+
+    def __init__(self, iterators: list):
+        self.iterators = iterators
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        parts = [next(it) for it in self.iterators]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def get_state(self) -> bytes:
+        return json.dumps({"emulated_processes": [it.get_state().decode() for it in self.iterators]}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        states = json.loads(state.decode())["emulated_processes"]
+        if len(states) != len(self.iterators):
+            raise CheckpointError(f"the checkpoint's data position is for {len(states)} emulated processes, this run "
+                                  f"emulates {len(self.iterators)}; resume with the same number")
+        for it, st in zip(self.iterators, states):
+            it.set_state(st.encode())
+
+    def start_prefetch(self) -> None:
+        for it in self.iterators:
+            if hasattr(it, "start_prefetch"):
+                it.start_prefetch()
+
+
+def check_process_count(manager, step: int, processes: int) -> None:
+    """The grain iterator files of checkpoint `step` were written by as many processes as this run has:
+    each process's data position is saved apart, so a run resumes only on the same number of hosts."""
+    folder = os.path.join(str(manager.directory), str(step), "data")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    counts = {int(m.group(1)) for m in (re.fullmatch(r"process_\d+-of-(\d+)\.json", n) for n in names) if m}
+    if counts and processes not in counts:
+        n = max(counts)
+        raise CheckpointError(f"checkpoint {step} in {manager.directory} was written by {n} processes, this run has "
+                              f"{processes}; resume with --num-processes {n} (each process's data position is saved "
+                              "apart)")
 
 
 class ExampleLog:
@@ -177,8 +280,22 @@ def _fmt(v, spec):
     return "n/a" if v is None else format(v, spec)
 
 
-def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print) -> dict:
-    """Run (or resume) the training run `cfg` in `workdir` up to `cfg.steps`. Returns a summary."""
+def claim(workdir: str, cfg: TrainConfig, process: int) -> bool:
+    """`claim_workdir` for one of several processes sharing `workdir`: process 0 writes run.json; the
+    others check it when it is there (written whole, by a rename) and otherwise only make the folder, so
+    no two processes write the same file. True: the workdir held this run already."""
+    if process == 0 or os.path.exists(os.path.join(workdir, RUN_FILE)):
+        return claim_workdir(workdir, cfg)
+    os.makedirs(workdir, exist_ok=True)
+    return False
+
+
+def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, emulate_processes: int = 1) -> dict:
+    """Run (or resume) the training run `cfg` in `workdir` up to `cfg.steps`. Returns a summary.
+
+    emulate_processes=n (one process only): read the data as an n-process run does (see `EmulatedHosts`),
+    so that this run computes exactly what an n-host run computes (the multi-host test's reference).
+    """
     import grain
     import jax
     import orbax.checkpoint as ocp
@@ -197,7 +314,10 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print) -
     source = open_source(cfg.data_dir, frames=cfg.frames, resolution=cfg.resolution)
     config = load_video_config(cfg.model)
     sizes = parse_mesh(cfg.mesh, jax.device_count())
-    check_batch(cfg.batch_size, sizes, jax.process_count())
+    if emulate_processes > 1 and jax.process_count() > 1:
+        raise ConfigError("emulate_processes is for a one-process run; this run has several processes")
+    hosts = max(jax.process_count(), emulate_processes)
+    check_batch(cfg.batch_size, sizes, hosts)
     mesh = make_mesh(sizes)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir {workdir} exists and is not a folder; choose another --workdir")
@@ -207,7 +327,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print) -
     components = load_video_components(cfg.model)
     if cache is not None:
         cache.check_model(cfg, components)
-    resuming = claim_workdir(workdir, cfg)   # the last input check: a workdir of another run
+    resuming = claim(workdir, cfg, jax.process_index())   # the last input check: a workdir of another run
     # A converted folder's trained SMP is fine-tuned; presets (random weights) and folders without one
     # start from the training initialisation (the SMP = plain interpolation).
     trainable, frozen, config = split_params(components, cfg,
@@ -220,13 +340,16 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print) -
         frozen = cache.frozen(frozen)   # the encoders stay off the devices; their constant outputs instead
     state_sh, frozen_sh, _ = trainer.shardings(mesh, state, frozen)
     frozen = put(frozen, frozen_sh)
+    loader_args = dict(per_host_batch=cfg.batch_size // hosts, seed=cfg.seed, num_frames=cfg.frames,
+                       resolution=cfg.resolution, tokenizer=components.tokenizer, prepared=cache is not None)
     data = source if cache is None else cache   # cached rows: the same indices, so the same clips per step
-    loader = make_loader(data, per_host_batch=cfg.batch_size // jax.process_count(), seed=cfg.seed,
-                         num_frames=cfg.frames, resolution=cfg.resolution, tokenizer=components.tokenizer,
-                         prepared=cache is not None)
-    iterator = iter(loader)
+    if emulate_processes > 1:
+        iterator = EmulatedHosts([iter(make_loader(data, shard=(i, hosts), **loader_args)) for i in range(hosts)])
+    else:
+        iterator = iter(make_loader(data, **loader_args))
     start = manager.latest_step() if resuming else None
     if start is not None:
+        check_process_count(manager, start, jax.process_count())
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
         state = restore_state(manager, start, abstract, iterator)
         log(f"resumed {workdir} at step {start}")
@@ -272,7 +395,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print) -
                                                    data=grain.checkpoint.CheckpointSave(iterator)), force=force)
 
     local = first
-    with Preemption() as preempt:
+    with Preemption(jax.process_count(), log) as preempt:
         try:
             while step < cfg.steps:
                 if local is None:
@@ -301,9 +424,10 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print) -
                             f"{last['examples_per_s_per_device']:.3f} TFLOP/s/device "
                             f"{_fmt(last['tflops_per_device'], '.4f')} MFU {_fmt(last['mfu'], '.2%')}")
                 due = step % cfg.save_every == 0 or step == cfg.steps
-                if due or preempt.requested:
+                stop = preempt.reached(step)
+                if due or stop:
                     save(step, force=not due)
-                if preempt.requested and step < cfg.steps:
+                if stop and step < cfg.steps:
                     stopped = True
                     break
         finally:

@@ -1,0 +1,185 @@
+"""Multi-host training: two local processes (`python -m train smp --distributed`, `jax.distributed.initialize`
+on localhost, CPU collectives through gloo, one fake CPU device each) against one process that reads the
+same global batches (`train(..., emulate_processes=2)`, two fake devices).
+
+The two-process run is the preempted one: SIGTERM reaches process 1 only, a few steps in; both processes
+must save the same step (JAX's preemption sync point) and exit with 143. Restarted, both resume there and
+finish. Its params at the last step, its per-step losses and the clips each process fed to each step must
+equal the one-process run's. The tiny-video preset (64x64, 4 frames, global batch 2) keeps it cheap; the
+three processes' compiled train steps come from the persistent compilation cache after the first run.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import xla_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, CLIPS, HOSTS = 6, 8, 2
+# save_every = STEPS: the only checkpoint before the end is the preemption's.
+RUN = dict(steps=STEPS, batch_size=2, frames=4, resolution=64, lr=3e-3, warmup=0, schedule="constant",
+           save_every=STEPS, log_every=1, seed=3)
+TIMEOUT = 1500   # a cold compilation cache on a busy 2-core machine: ~7 min per program, three at once
+
+
+def _env(devices):
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices)}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _host_args(data, workdir, port, process):
+    args = [sys.executable, "-m", "train", "smp", "--data-dir", data, "--workdir", workdir, "--preset", "tiny-video",
+            "--quiet", "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(HOSTS),
+            "--process-id", str(process)]
+    for k, v in RUN.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def _start_hosts(data, workdir):
+    port = _free_port()
+    return [subprocess.Popen(_host_args(data, workdir, port, i), cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for i in range(HOSTS)]
+
+
+def _finish(procs):
+    outs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=TIMEOUT)
+        outs.append(out)
+    return [p.returncode for p in procs], outs
+
+
+def _losses(out):
+    """{step: loss} from the `--quiet` metric lines."""
+    return {int(s): float(v) for s, v in re.findall(r"^step (\d+): loss ([0-9.]+)", out, re.M)}
+
+
+def reference(data, workdir, out):
+    """One process, two devices, the data read as two processes read it (run as a subprocess)."""
+    import jax
+
+    from train.config import TrainConfig
+    from train.loop import train
+
+    assert jax.device_count() == 2 and jax.process_count() == 1
+    summary = train(TrainConfig(model="tiny-video", data_dir=data, **RUN), workdir, progress=False,
+                    log=lambda *a: None, emulate_processes=HOSTS)
+    with open(out, "w") as f:
+        json.dump({"losses": {h["step"]: h["loss"] for h in summary["history"]}, "timings": summary["timings"]}, f)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from test_train import write_clips
+
+    from train.loop import read_example_log
+
+    root = tmp_path_factory.mktemp("multihost")
+    data = write_clips(root / "clips", n=CLIPS)
+    ref, ref_out, work = str(root / "ref"), str(root / "ref.json"), str(root / "hosts")
+    t0 = time.perf_counter()
+    # The reference runs beside the two hosts (three processes on two cores; the hosts' steps wait on each
+    # other's collectives anyway).
+    ref_proc = subprocess.Popen([sys.executable, __file__, data, ref, ref_out], cwd=ROOT, env=_env(2),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = _start_hosts(data, work)
+    # SIGTERM to process 1 alone, once it has started its second step.
+    log1 = os.path.join(work, "examples-p1.log")
+    deadline = time.time() + TIMEOUT
+    signalled_at = None
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if os.path.exists(log1) and len(read_example_log(log1)) >= 2:
+            procs[1].send_signal(signal.SIGTERM)
+            signalled_at = len(read_example_log(log1))
+            break
+        time.sleep(0.05)
+    term_rc, term_out = _finish(procs)
+    t_term = time.perf_counter() - t0
+    # Restart both: they resume at the saved step and run to the end.
+    procs = _start_hosts(data, work)
+    resume_rc, resume_out = _finish(procs)
+    t_resume = time.perf_counter() - t0 - t_term
+    ref_text, _ = ref_proc.communicate(timeout=TIMEOUT)
+    assert ref_proc.returncode == 0, ref_text[-4000:]
+    with open(ref_out) as f:
+        ref_results = json.load(f)
+    print(f"two hosts to the SIGTERM: {t_term:.1f}s; resumed to the end: {t_resume:.1f}s; all with the reference "
+          f"{time.perf_counter() - t0:.1f}s (reference compile {ref_results['timings'].get('compile_s', 0):.1f}s)")
+    return {"data": data, "ref": ref, "work": work, "signalled_at": signalled_at, "term": (term_rc, term_out),
+            "resume": (resume_rc, resume_out), "ref_losses": {int(k): v for k, v in ref_results["losses"].items()}}
+
+
+def test_sigterm_on_one_host_saves_the_same_step_on_both(run):
+    rcs, outs = run["term"]
+    assert run["signalled_at"] is not None, "process 1 never started its second step: " + outs[1][-3000:]
+    assert rcs == [143, 143], [o[-3000:] for o in outs]
+    saved = [int(re.search(r"SIGTERM: saved step (\d+)", o).group(1)) for o in outs]
+    print(f"SIGTERM to process 1 during step {run['signalled_at']}; saved step {saved[0]} (process 0) and "
+          f"{saved[1]} (process 1)")
+    assert saved[0] == saved[1] and run["signalled_at"] <= saved[0] < STEPS
+    ckpt = os.path.join(run["work"], "checkpoints", str(saved[0]))
+    # One grain iterator file per process; both processes' array shards under one checkpoint.
+    assert sorted(os.listdir(os.path.join(ckpt, "data"))) == ["commit_success.txt", "process_0-of-2.json",
+                                                              "process_1-of-2.json"]
+    assert sorted(os.listdir(os.path.join(run["work"], "checkpoints"))) == [str(saved[0]), str(STEPS)]
+
+    rcs, outs = run["resume"]
+    assert rcs == [0, 0], [o[-3000:] for o in outs]
+    for o in outs:
+        assert f"resumed {run['work']} at step {saved[0]}" in o and f"trained to step {STEPS}" in o
+    # Process 0 alone writes run.json and TensorBoard events; every process its own example log.
+    names = sorted(os.listdir(run["work"]))
+    assert names == ["checkpoints", "examples-p0.log", "examples-p1.log", "run.json", "tensorboard"], names
+    assert len(os.listdir(os.path.join(run["work"], "tensorboard"))) == 2   # one events file per start
+
+
+def test_two_hosts_agree_with_one_process(run):
+    from test_train import _restore_params
+
+    from train.loop import read_example_log
+
+    # The clips: process i fed shard i of the shuffled clips; together the one-process run's global batches.
+    ref_log = read_example_log(os.path.join(run["ref"], "examples-p0.log"))
+    logs = [read_example_log(os.path.join(run["work"], f"examples-p{i}.log")) for i in range(HOSTS)]
+    assert [s for s, _ in ref_log] == list(range(STEPS))
+    for i, log in enumerate(logs):
+        assert [s for s, _ in log] == list(range(STEPS)), i
+    assert [ids for _, ids in ref_log] == [a + b for (_, a), (_, b) in zip(*logs)]
+    shards = [sorted({x for _, ids in log for x in ids}) for log in logs]
+    assert not set(shards[0]) & set(shards[1])   # disjoint shards, no clip read by both hosts
+
+    # The losses of every step (the first part before the SIGTERM, the rest after the restart).
+    host_losses = {**_losses(run["term"][1][0]), **_losses(run["resume"][1][0])}
+    assert sorted(host_losses) == list(range(1, STEPS + 1))
+    ref_losses = run["ref_losses"]
+    worst = max(abs(host_losses[s] - ref_losses[s]) for s in host_losses)
+    print("losses, two hosts vs one process:", [(s, host_losses[s], round(ref_losses[s], 5)) for s in sorted(host_losses)])
+    assert worst <= 1e-5   # the printed losses have 5 decimals
+
+    a, b = _restore_params(run["ref"], STEPS), _restore_params(run["work"], STEPS)
+    assert a.keys() == b.keys() and len(a) > 100
+    diff = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+    scale = max(float(np.max(np.abs(a[k]))) for k in a)
+    same = sum(np.array_equal(a[k], b[k]) for k in a)
+    print(f"params at step {STEPS}: {same}/{len(a)} arrays bit-identical; max |diff| {diff:.2e} (max |param| "
+          f"{scale:.2f})")
+    assert diff <= 1e-6 * scale
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    reference(*sys.argv[1:4])
