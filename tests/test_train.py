@@ -1,14 +1,22 @@
 """Training the SMP on the `tiny-video` preset (64x64, 4 frames, batch 8), on 8 fake CPU devices.
 
-One driver subprocess (this file run as a script, with 8 host devices) does the expensive part once: the
-first train step on a 1-device and an 8-device mesh from the same state and batch (loss, gradient norm,
-gradients read back from Adam's first moment, updated params), then a real `train()` run that must overfit
-the handful of clips and doubles as the uninterrupted reference of the kill-and-resume test. The tests
-then kill a `python -m train smp` subprocess with SIGKILL mid-run, resume it, and require bit-identical
-params and exactly the same examples per step; export the reference and render with
-`python -m infer.transition --model`; and check the one-line errors.
+One driver subprocess (this file run as a script, with 8 host devices) does the expensive part once, so
+the train step is traced and compiled as few times as possible:
+
+1. the first train step on a 1-device and an 8-device mesh from the same state and batch (loss, gradient
+   norm, gradients read back from Adam's first moment, updated params);
+2. a real `train()` run that must overfit the handful of clips and is the uninterrupted reference;
+3. kill-and-resume: a `python -m train smp` subprocess killed with SIGKILL mid-way (a real process, not an
+   exception); the driver then resumes that workdir through the same CLI entry point (`train.__main__.main`),
+   sends itself a real SIGTERM two steps later (the run saves the step it reached and exits 143) and resumes
+   again to the end. Params and the examples consumed per step must equal the reference bit for bit.
+
+The tests then read the driver's measurements, export the reference and render with
+`infer.transition`, and check the one-line errors.
 """
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -21,7 +29,7 @@ import pytest
 from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS, SAVE_EVERY, CLIPS = 12, 4, 8
+STEPS, SAVE_EVERY, CLIPS = 8, 3, 8
 RUN = dict(steps=STEPS, batch_size=8, frames=4, resolution=64, lr=3e-3, warmup=0, schedule="constant",
            save_every=SAVE_EVERY, log_every=1, seed=3)
 
@@ -113,15 +121,71 @@ def driver(data, ref, out):
     summary = train(cfg, ref, progress=False, log=lambda *a: None)
     results["train"] = {"history": summary["history"], "timings": summary["timings"], "s": time.perf_counter() - t0}
     # The one error that needs several devices: a batch the data axis cannot split.
-    import contextlib
-    import io
-
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         rc = main(_run_args(data, ref + "-bad-batch", batch_size=12))
     results["bad_batch"] = {"rc": rc, "stderr": err.getvalue(), "left": os.path.exists(ref + "-bad-batch")}
+    t0 = time.perf_counter()
+    results["resume"] = kill_and_resume(data, ref + "-killed", main)
+    results["resume"]["s"] = time.perf_counter() - t0
     with open(out, "w") as f:
         json.dump(results, f)
+
+
+def _signal_when(log, when, send, proc=None, timeout=900):
+    """Call `send()` once `when(number of logged steps)` holds for the example log that this run writes (a
+    resumed run first rewrites the log as a new file: wait for a new inode). Returns whether it was sent."""
+    from train.loop import read_example_log
+
+    before = os.stat(log).st_ino if os.path.exists(log) else None
+    deadline = time.time() + timeout
+    while time.time() < deadline and (proc is None or proc.poll() is None):
+        try:
+            if os.stat(log).st_ino != before and when(len(read_example_log(log))):
+                send()
+                return True
+        except (FileNotFoundError, ValueError):   # not written yet / a line being written
+            pass
+        time.sleep(0.05)
+    return False
+
+
+def kill_and_resume(data, work, main):
+    """SIGKILL a `python -m train smp` subprocess mid-way; resume in this process through the CLI entry point,
+    SIGTERM ourselves two steps later; resume again to the end. Returns what the test checks."""
+    import threading
+
+    from train.loop import read_example_log
+
+    args = _run_args(data, work)
+    log = os.path.join(work, "examples-p0.log")
+    first_save = os.path.join(work, "checkpoints", str(SAVE_EVERY))
+    # 1. SIGKILL once the first checkpoint exists and two more steps have started.
+    proc = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT, env=_env(8), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _signal_when(log, lambda n: n >= SAVE_EVERY + 2 and os.path.isdir(first_save), proc.kill, proc)
+    killed_out = proc.communicate(timeout=900)[0]
+    r = {"killed_rc": proc.returncode, "killed_out": killed_out[-2000:], "killed_at": len(read_example_log(log))}
+
+    def run_main():
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(args)
+            except SystemExit as e:
+                rc = e.code
+        return rc, out.getvalue() + err.getvalue()
+
+    # 2. Resume here; a real SIGTERM to this process two steps after the restored one.
+    sender = threading.Thread(target=_signal_when, args=(log, lambda n: n >= SAVE_EVERY + 2,
+                                                         lambda: os.kill(os.getpid(), signal.SIGTERM)), daemon=True)
+    sender.start()
+    r["term_rc"], r["term_out"] = run_main()
+    sender.join()
+    # 3. Resume from the SIGTERM save to the end.
+    r["final_rc"], r["final_out"] = run_main()
+    r["log"] = read_example_log(log)
+    return r
 
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -138,7 +202,8 @@ def run(tmp_path_factory):
     with open(out) as f:
         results = json.load(f)
     print(f"driver subprocess {time.perf_counter() - t0:.1f}s; first steps compiled in "
-          f"{results['compile_1_and_8_s']:.1f}s; reference run {results['train']['s']:.1f}s")
+          f"{results['compile_1_and_8_s']:.1f}s; reference run {results['train']['s']:.1f}s; kill and resume "
+          f"{results['resume']['s']:.1f}s")
     return {"root": root, "data": data, "ref": ref, **results}
 
 
@@ -166,58 +231,33 @@ def test_overfits_a_handful_of_clips(run):
     assert h["mfu"] is None   # CPU: no known peak -> "n/a"
 
 
-def _start_and_signal(args, log, sig, when):
-    """Start `python -m train smp ...`, send `sig` once `when(logged steps)` holds for the log this process
-    writes (a resumed run first rewrites the log, as a new file); (returncode, stdout + stderr)."""
-    from train.loop import read_example_log
-
-    before = os.stat(log).st_ino if os.path.exists(log) else None
-    proc = subprocess.Popen(args, cwd=ROOT, env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 900
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(log) and os.stat(log).st_ino != before and when(len(read_example_log(log))):
-            proc.send_signal(sig)
-            break
-        time.sleep(0.05)
-    out, err = proc.communicate(timeout=900)
-    return proc.returncode, out + err
-
-
 def test_sigkill_sigterm_and_resume_are_bit_identical(run):
     """SIGKILL mid-way, resume; SIGTERM (saves the step it is at), resume: the same params and examples as
     the uninterrupted reference run."""
+    r = run["resume"]
+    work = run["ref"] + "-killed"
+    assert r["killed_rc"] == -signal.SIGKILL, f"not killed mid-way (rc {r['killed_rc']}): {r['killed_out']}"
+    assert SAVE_EVERY < r["killed_at"] < STEPS
+    assert r["term_rc"] == 143, r["term_out"][-3000:]
+    assert f"resumed {work} at step {SAVE_EVERY}" in r["term_out"]
+    term_step = int(r["term_out"].split("SIGTERM: saved step ")[1].split()[0])
+    assert SAVE_EVERY < term_step < STEPS and os.path.isdir(os.path.join(work, "checkpoints", str(term_step)))
+    assert r["final_rc"] == 0, r["final_out"][-3000:]
+    assert f"resumed {work} at step {term_step}" in r["final_out"]
+
     from train.loop import read_example_log
 
-    work = str(run["root"] / "killed")
-    args = [sys.executable, "-m", "train", *_run_args(run["data"], work)]
-    log = os.path.join(work, "examples-p0.log")
-    first_save = os.path.join(work, "checkpoints", str(SAVE_EVERY))
-    # 1. SIGKILL once the step-4 checkpoint exists and step 7 has started (mid-way to step 8's save).
-    rc, out = _start_and_signal(args, log, signal.SIGKILL, lambda n: n >= SAVE_EVERY + 3 and os.path.isdir(first_save))
-    assert rc == -signal.SIGKILL, f"not killed mid-way (rc {rc}): {out[-2000:]}"
-    killed_at = len(read_example_log(log))
-    # 2. Resume; SIGTERM two steps later: it saves the step it reached and exits with 143.
-    rc, out = _start_and_signal(args, log, signal.SIGTERM, lambda n: n >= SAVE_EVERY + 2)
-    assert rc == 143, out[-3000:]
-    assert f"resumed {work} at step {SAVE_EVERY}" in out
-    term_step = int(out.split("SIGTERM: saved step ")[1].split()[0])
-    assert SAVE_EVERY < term_step < STEPS and os.path.isdir(os.path.join(work, "checkpoints", str(term_step)))
-    # 3. Resume from the SIGTERM save to the end.
-    resumed = subprocess.run(args, cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed {work} at step {term_step}" in resumed.stdout
-
-    ref_log, our_log = read_example_log(os.path.join(run["ref"], "examples-p0.log")), read_example_log(log)
+    ref_log, our_log = read_example_log(os.path.join(run["ref"], "examples-p0.log")), [tuple(x) for x in r["log"]]
     assert [s for s, _ in our_log] == list(range(STEPS))
-    assert our_log == ref_log   # exactly the same examples at every step: none lost, none repeated
+    assert our_log == [(s, ids) for s, ids in ref_log]   # the same examples at every step: none lost or repeated
     for _, ids in our_log:      # 8 clips, batch 8: every step is one epoch, a permutation of the clips
         assert sorted(ids) == [f"clip-{i:03d}" for i in range(CLIPS)]
     a, b = _restore_params(run["ref"], STEPS), _restore_params(work, STEPS)
     assert a.keys() == b.keys()
     same = [k for k in a if np.array_equal(a[k], b[k])]
-    print(f"SIGKILL after {killed_at} logged steps, resumed at {SAVE_EVERY}; SIGTERM saved step {term_step}, "
-          f"resumed there; {len(same)}/{len(a)} param arrays "
-          "bit-identical to the uninterrupted run at step", STEPS)
+    print(f"SIGKILL after {r['killed_at']} logged steps, resumed at {SAVE_EVERY}; SIGTERM saved step {term_step}, "
+          f"resumed there; {len(same)}/{len(a)} param arrays bit-identical to the uninterrupted run at step {STEPS} "
+          f"({r['s']:.0f}s)")
     assert len(same) == len(a)
 
 
@@ -226,9 +266,9 @@ def test_export_then_infer_transition(run, tmp_path):
     from storydiff_jax.video_io import read_video
 
     model = tmp_path / "model"
-    proc = subprocess.run([sys.executable, "-m", "train", "export", "--workdir", run["ref"], "--dst", str(model)],
-                          cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    from train.__main__ import main as train_main
+
+    assert train_main(["export", "--workdir", run["ref"], "--dst", str(model)]) == 0
     index = json.loads((model / "model_index.json").read_text())
     assert index["smp_trained"] and index["sources"]["step"] == STEPS
     trained = _restore_params(run["ref"], STEPS)
@@ -248,11 +288,11 @@ def test_export_then_infer_transition(run, tmp_path):
     Image.fromarray(clip[0]).save(frames[0])
     Image.fromarray(clip[-1]).save(frames[1])
     out = tmp_path / "walk.mp4"
-    proc = subprocess.run([sys.executable, "-m", "infer.transition", "--model", str(model), "--start", str(frames[0]),
-                           "--end", str(frames[1]), "--out", str(out), "--frames", "4", "--steps", "2",
-                           "--height", "64", "--width", "64", "--quiet"], cwd=ROOT, env=_env(1), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    from infer.transition import main as transition_main
+
+    assert transition_main(["--model", str(model), "--start", str(frames[0]), "--end", str(frames[1]), "--out",
+                            str(out), "--frames", "4", "--steps", "2", "--height", "64", "--width", "64",
+                            "--quiet"]) == 0
     assert read_video(str(out)).shape == (4, 64, 64, 3)
 
 

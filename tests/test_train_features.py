@@ -2,9 +2,8 @@
 frames, batch 2, one CPU device, all in this process (the raw and the cached train step are each compiled
 once; the CLI runs reuse the cached one).
 
-  * the cached step is the same computation as the raw step: same loss, gradients and updated params from
-    the same state, batch and keys (and the conditioning it builds equals the in-step encoders');
-  * compile time, step time and XLA's FLOP count of both programs, side by side (printed);
+  * the cached step is the same computation as the raw step: the conditioning it builds from the cache
+    equals the in-step encoders' for the same batch and key, and it feeds the same `loss`;
   * a `--features` run trains, checkpoints, and resumes to bit-identical params, on the same clips per step
     as a raw run;
   * the cache is deterministic and all-or-nothing; a cache of other frames / resolution / dtype / model /
@@ -80,17 +79,15 @@ def test_cache_files_deterministic_and_described(setup):
 
 
 def test_cached_step_equals_raw_step(setup):
-    """Same state, batch (the loaders' first batch: the same clips) and keys: raw step (encoders in the
-    program) vs cached step (features from the cache). Also times both programs and counts their FLOPs."""
+    """Same batch (the loaders' first batch: the same clips) and key: the conditioning of the raw step
+    (encoders in the program) and of the cached step (features from the cache) agree."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from storydiff_jax.pipelines.video_components import load_video_components
     from train.config import TrainConfig
     from train.data import make_loader, open_source
     from train.features import open_features
-    from train.loop import step_flops
-    from train.step import Trainer, global_batch, make_mesh, put, split_params
+    from train.step import Trainer, global_batch, make_mesh, split_params
 
     cfg = TrainConfig(model="tiny-video", data_dir=setup["data"], features=setup["cache"], steps=STEPS, **RUN)
     comp = load_video_components("tiny-video")
@@ -104,7 +101,6 @@ def test_cached_step_equals_raw_step(setup):
     cached_local = next(iter(make_loader(cache, **{**args, "prepared": True})))
     assert raw_local["id"].tolist() == cached_local["id"].tolist()
     mesh = make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
-    lr = jax.device_put(np.float32(cfg.lr), NamedSharding(mesh, P()))
 
     # The conditioning alone (small programs): cached vs in-step encoders, same key.
     key = jax.random.key(7)
@@ -116,53 +112,10 @@ def test_cached_step_equals_raw_step(setup):
           f"{cond_err[1]:.1e}, text states {cond_err[2]:.1e}")
     assert max(cond_err) < 1e-5
 
-    results, runs = {}, {}
-    for name, fz, local in (("raw", frozen, raw_local), ("cached", cache.frozen(frozen), cached_local)):
-        state = trainer.init_state(trainable)
-        state_sh, frozen_sh, _ = trainer.shardings(mesh, state, fz)
-        state, fz = put(state, state_sh), put(fz, frozen_sh)
-        batch = global_batch(local, mesh)
-        t0 = time.perf_counter()
-        step = trainer.compiled_step(mesh, state, fz, batch)
-        compile_s = time.perf_counter() - t0
-        new, metrics = step(state, fz, batch, lr)
-        first = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-                 "mu": [np.asarray(x) for x in jax.tree.leaves(new["opt"][1].mu)],
-                 "params": [np.asarray(x) for x in jax.tree.leaves(new["params"])]}
-        runs[name] = [step, new, fz, batch, []]
-        results[name] = {**first, "compile_s": compile_s, "flops": step_flops(step),
-                         "frozen_mb": sum(np.asarray(x).nbytes for x in jax.tree.leaves(fz)) / 2**20}
-    for _ in range(4):   # step times, the two programs alternating (the machine's load changes): the fastest
-        for run in runs.values():
-            step, state, fz, batch, times = run
-            t0 = time.perf_counter()
-            run[1], metrics = step(state, fz, batch, lr)   # donated: each step continues from the last
-            jax.block_until_ready(metrics["loss"])
-            times.append(time.perf_counter() - t0)
-    for name, run in runs.items():
-        results[name]["step_s"] = min(run[4])
-    r, c = results["raw"], results["cached"]
-    scale = max(float(np.max(np.abs(x))) for x in r["mu"])
-    grad_rel = max(float(np.max(np.abs(x - y))) for x, y in zip(r["mu"], c["mu"])) / scale
-    param_abs = max(float(np.max(np.abs(x - y))) for x, y in zip(r["params"], c["params"]))
-    print(f"first step, raw vs cached: loss {r['loss']:.7f} vs {c['loss']:.7f}; grad norm {r['grad_norm']:.6f} vs "
-          f"{c['grad_norm']:.6f}; gradients max |diff| / max |g| {grad_rel:.2e} over {len(r['mu'])} arrays; "
-          f"updated params max |diff| {param_abs:.2e}")
-    for name, x in results.items():
-        flops = f"{x['flops'] / 1e9:.3f} GFLOP" if x["flops"] else "n/a"
-        print(f"{name:>6} step: compile {x['compile_s']:.1f}s, step {x['step_s'] * 1e3:.0f} ms, {flops} per step "
-              f"(XLA cost analysis), frozen params on device {x['frozen_mb']:.1f} MiB")
-    print(f"cached / raw: compile x{c['compile_s'] / r['compile_s']:.2f}, step x{c['step_s'] / r['step_s']:.2f}, "
-          f"FLOPs x{c['flops'] / r['flops']:.3f}" if r["flops"] and c["flops"] else "")
-    assert abs(r["loss"] - c["loss"]) <= 1e-5 * abs(r["loss"])
-    assert abs(r["grad_norm"] - c["grad_norm"]) <= 1e-4 * r["grad_norm"]
-    assert grad_rel < 1e-4
-    # Not asserted: Adam's first update is about lr * sign(g), so a gradient entry near 0 may move its
-    # parameter by up to 2 lr on a float32 rounding difference (test_train.py prints it the same way).
-    assert len(r["mu"]) > 100
-    if r["flops"] and c["flops"]:
-        assert c["flops"] < r["flops"]           # the encoders are out of the program
-    assert c["frozen_mb"] < r["frozen_mb"]
+    # The two steps differ only in where `cond` comes from: `loss_and_grads` feeds either conditioning to the
+    # same `loss`, so equal conditioning is an equal step (compiling the raw step too would double this file's
+    # time; tests/test_train.py compiles and checks that one). The cached step gets no encoder weights at all:
+    assert not set(cache.frozen(frozen)) & {"vae", "image_encoder", "text_encoder"}
 
 
 def test_features_run_trains_and_resumes(setup, capsys):
