@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Every benchmark of bench/ on a GPU machine; results are appended to docs/*.md.
 #
-#   bash bench/run_gpu.sh            # all of them (story, transition, parity, convert)
+#   bash bench/run_gpu.sh            # all of them (story, transition, parity, convert, train)
 #   bash bench/run_gpu.sh story      # one of: story | story-bank | story-window | story-torch | story-scaling
-#                                    #         | transition | parity | parity-video | csa | convert
+#                                    #         | transition | parity | parity-video | csa | convert | train
 #
 # `story` runs the three story modes and the window scaling, then writes the table. The story-* steps run
 # one part each (handy under a per-command time limit) and keep their result in out/bench/story/; a
@@ -28,6 +28,10 @@ parity()        { "$PY" bench/parity_full.py --out docs/parity.md; }   # sd15, s
 # CSA write call on full-size SDXL, compile only: FLOPs and temp memory, CSA vs plain (runs on CPU too).
 csa()           { "$PY" bench/csa_cost.py --preset sdxl --size 1024 --ids 4 --out docs/bench_csa.md; }
 parity_video()  { "$PY" bench/parity_full.py --arch video --out docs/parity.md; }
+# The SMP train step at real size (video preset, 16 frames, bf16, 256² and 512²): step time, examples/s, MFU.
+# TRAIN_ARGS adds options, e.g. TRAIN_ARGS="--batch-per-device 2" or "--remat" (512² may need it).
+train()         { "$PY" bench/train.py --preset video --resolutions 256,512 --frames 16 --dtype bfloat16 \
+                      ${TRAIN_ARGS:-} --out docs/bench_train.md; }
 convert() {
   {
     echo
@@ -50,7 +54,8 @@ case "${1:-all}" in
   parity-video) parity_video ;;
   csa) csa ;;
   convert) convert ;;
-  all) story; transition; parity; convert ;;
-  *) echo "usage: bash bench/run_gpu.sh [all|story|story-bank|story-window|story-torch|story-scaling|transition|parity|parity-video|csa|convert]" >&2
+  train) train ;;
+  all) story; transition; parity; convert; train ;;
+  *) echo "usage: bash bench/run_gpu.sh [all|story|story-bank|story-window|story-torch|story-scaling|transition|parity|parity-video|csa|convert|train]" >&2
      exit 2 ;;
 esac
