@@ -180,6 +180,35 @@ def test_two_hosts_agree_with_one_process(run):
     assert diff <= 1e-6 * scale
 
 
+def test_distributed_option_errors(tmp_path):
+    """Bad multi-host options: one line, exit 2, nothing written (no devices needed)."""
+    cases = [(["--distributed", "--num-processes", "2", "--process-id", "0"],
+              "jax.distributed.initialize failed (coordinator_address should be defined.)"),
+             (["--process-id", "1"], "--coordinator / --num-processes / --process-id need --distributed")]
+    for extra, message in cases:
+        proc = subprocess.run([sys.executable, "-m", "train", "smp", "--data-dir", str(tmp_path / "clips"),
+                               "--workdir", str(tmp_path / "w"), *extra], cwd=ROOT, env=_env(1), capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr[-2000:]
+    assert os.listdir(tmp_path) == []
+
+
+def test_resume_on_another_process_count_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from storydiff_jax.errors import CheckpointError
+    from train.loop import check_process_count
+
+    data = tmp_path / "checkpoints" / "4" / "data"
+    data.mkdir(parents=True)
+    for i in range(2):
+        (data / f"process_{i}-of-2.json").write_text("{}")
+    manager = SimpleNamespace(directory=tmp_path / "checkpoints")
+    check_process_count(manager, 4, 2)
+    with pytest.raises(CheckpointError, match="written by 2 processes, this run has 1; resume with --num-processes 2"):
+        check_process_count(manager, 4, 1)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
     reference(*sys.argv[1:4])
