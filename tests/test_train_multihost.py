@@ -1,12 +1,15 @@
 """Multi-host training: two local processes (`python -m train smp --distributed`, `jax.distributed.initialize`
 on localhost, CPU collectives through gloo, one fake CPU device each) against one process that reads the
-same global batches (`train(..., emulate_processes=2)`, two fake devices).
+same global batches (`train(..., emulate_processes=2)`, two fake devices, a checkpoint every step).
 
-The two-process run is the preempted one: SIGTERM reaches process 1 only, a few steps in; both processes
-must save the same step (JAX's preemption sync point) and exit with 143. Restarted, both resume there and
-finish. Its params at the last step, its per-step losses and the clips each process fed to each step must
-equal the one-process run's. The tiny-video preset (64x64, 4 frames, global batch 2) keeps it cheap; the
-three processes' compiled train steps come from the persistent compilation cache after the first run.
+The two-process run is the preempted one: SIGTERM reaches process 1 only, a step in; both processes must
+save the same step k (JAX's preemption sync point) and exit with 143. Their params at step k, their per-step
+losses and the clips each process fed to each step must equal the one-process run's.
+
+Restarting both hosts from that save (they resume at k and finish) doubles the file's time, because on CPU
+process 1's programs never come from the persistent compilation cache (JAX writes it from process 0 only
+and the compile options name the process): it runs with STORYDIFF_FULL_MULTIHOST=1 (measured: passes,
+436 s on this 2-core machine; the default file: three process starts instead of five).
 """
 
 import json
@@ -27,6 +30,9 @@ STEPS, CLIPS, HOSTS = 6, 8, 2
 # save_every = STEPS: the only checkpoint before the end is the preemption's.
 RUN = dict(steps=STEPS, batch_size=2, frames=4, resolution=64, lr=3e-3, warmup=0, schedule="constant",
            save_every=STEPS, log_every=1, seed=3)
+# The reference keeps every step, to be compared at whichever step the preempted hosts saved.
+REF = {**RUN, "save_every": 1, "keep": STEPS}
+FULL = os.environ.get("STORYDIFF_FULL_MULTIHOST") == "1"
 TIMEOUT = 1500   # a cold compilation cache on a busy 2-core machine: ~7 min per program, three at once
 
 
@@ -76,7 +82,7 @@ def reference(data, workdir, out):
     from train.loop import train
 
     assert jax.device_count() == 2 and jax.process_count() == 1
-    summary = train(TrainConfig(model="tiny-video", data_dir=data, **RUN), workdir, progress=False,
+    summary = train(TrainConfig(model="tiny-video", data_dir=data, **REF), workdir, progress=False,
                     log=lambda *a: None, emulate_processes=HOSTS)
     with open(out, "w") as f:
         json.dump({"losses": {h["step"]: h["loss"] for h in summary["history"]}, "timings": summary["timings"]}, f)
@@ -109,9 +115,10 @@ def run(tmp_path_factory):
         time.sleep(0.05)
     term_rc, term_out = _finish(procs)
     t_term = time.perf_counter() - t0
-    # Restart both: they resume at the saved step and run to the end.
-    procs = _start_hosts(data, work)
-    resume_rc, resume_out = _finish(procs)
+    resume_rc = resume_out = None
+    if FULL:   # restart both: they resume at the saved step and run to the end
+        procs = _start_hosts(data, work)
+        resume_rc, resume_out = _finish(procs)
     t_resume = time.perf_counter() - t0 - t_term
     ref_text, _ = ref_proc.communicate(timeout=TIMEOUT)
     assert ref_proc.returncode == 0, ref_text[-4000:]
@@ -119,15 +126,17 @@ def run(tmp_path_factory):
         ref_results = json.load(f)
     print(f"two hosts to the SIGTERM: {t_term:.1f}s; resumed to the end: {t_resume:.1f}s; all with the reference "
           f"{time.perf_counter() - t0:.1f}s (reference compile {ref_results['timings'].get('compile_s', 0):.1f}s)")
+    saved = [int(m.group(1)) if (m := re.search(r"SIGTERM: saved step (\d+)", o)) else None for o in term_out]
     return {"data": data, "ref": ref, "work": work, "signalled_at": signalled_at, "term": (term_rc, term_out),
-            "resume": (resume_rc, resume_out), "ref_losses": {int(k): v for k, v in ref_results["losses"].items()}}
+            "saved": saved, "resume": (resume_rc, resume_out),
+            "ref_losses": {int(k): v for k, v in ref_results["losses"].items()}}
 
 
 def test_sigterm_on_one_host_saves_the_same_step_on_both(run):
     rcs, outs = run["term"]
     assert run["signalled_at"] is not None, "process 1 never started its second step: " + outs[1][-3000:]
     assert rcs == [143, 143], [o[-3000:] for o in outs]
-    saved = [int(re.search(r"SIGTERM: saved step (\d+)", o).group(1)) for o in outs]
+    saved = run["saved"]
     print(f"SIGTERM to process 1 during step {run['signalled_at']}; saved step {saved[0]} (process 0) and "
           f"{saved[1]} (process 1)")
     assert saved[0] == saved[1] and run["signalled_at"] <= saved[0] < STEPS
@@ -135,15 +144,19 @@ def test_sigterm_on_one_host_saves_the_same_step_on_both(run):
     # One grain iterator file per process; both processes' array shards under one checkpoint.
     assert sorted(os.listdir(os.path.join(ckpt, "data"))) == ["commit_success.txt", "process_0-of-2.json",
                                                               "process_1-of-2.json"]
-    assert sorted(os.listdir(os.path.join(run["work"], "checkpoints"))) == [str(saved[0]), str(STEPS)]
-
-    rcs, outs = run["resume"]
-    assert rcs == [0, 0], [o[-3000:] for o in outs]
-    for o in outs:
-        assert f"resumed {run['work']} at step {saved[0]}" in o and f"trained to step {STEPS}" in o
     # Process 0 alone writes run.json and TensorBoard events; every process its own example log.
     names = sorted(os.listdir(run["work"]))
     assert names == ["checkpoints", "examples-p0.log", "examples-p1.log", "run.json", "tensorboard"], names
+
+
+@pytest.mark.skipif(not FULL, reason="restarting both hosts doubles the time: STORYDIFF_FULL_MULTIHOST=1 runs it")
+def test_both_hosts_resume_from_the_preemption_save(run):
+    saved = run["saved"][0]
+    assert sorted(os.listdir(os.path.join(run["work"], "checkpoints"))) == [str(saved), str(STEPS)]
+    rcs, outs = run["resume"]
+    assert rcs == [0, 0], [o[-3000:] for o in outs]
+    for o in outs:
+        assert f"resumed {run['work']} at step {saved}" in o and f"trained to step {STEPS}" in o
     assert len(os.listdir(os.path.join(run["work"], "tensorboard"))) == 2   # one events file per start
 
 
@@ -152,30 +165,32 @@ def test_two_hosts_agree_with_one_process(run):
 
     from train.loop import read_example_log
 
+    last = STEPS if FULL else run["saved"][0]   # the step the hosts' newest checkpoint holds
+    assert last is not None, run["term"][1][1][-3000:]
     # The clips: process i fed shard i of the shuffled clips; together the one-process run's global batches.
     ref_log = read_example_log(os.path.join(run["ref"], "examples-p0.log"))
-    logs = [read_example_log(os.path.join(run["work"], f"examples-p{i}.log")) for i in range(HOSTS)]
+    logs = [read_example_log(os.path.join(run["work"], f"examples-p{i}.log"))[:last] for i in range(HOSTS)]
     assert [s for s, _ in ref_log] == list(range(STEPS))
     for i, log in enumerate(logs):
-        assert [s for s, _ in log] == list(range(STEPS)), i
-    assert [ids for _, ids in ref_log] == [a + b for (_, a), (_, b) in zip(*logs)]
+        assert [s for s, _ in log] == list(range(last)), i
+    assert [ids for _, ids in ref_log[:last]] == [a + b for (_, a), (_, b) in zip(*logs)]
     shards = [sorted({x for _, ids in log for x in ids}) for log in logs]
     assert not set(shards[0]) & set(shards[1])   # disjoint shards, no clip read by both hosts
 
-    # The losses of every step (the first part before the SIGTERM, the rest after the restart).
-    host_losses = {**_losses(run["term"][1][0]), **_losses(run["resume"][1][0])}
-    assert sorted(host_losses) == list(range(1, STEPS + 1))
+    # The losses of every step the hosts ran (before the SIGTERM, and after the restart when there is one).
+    host_losses = {**_losses(run["term"][1][0]), **(_losses(run["resume"][1][0]) if FULL else {})}
+    assert sorted(host_losses) == list(range(1, last + 1))
     ref_losses = run["ref_losses"]
     worst = max(abs(host_losses[s] - ref_losses[s]) for s in host_losses)
     print("losses, two hosts vs one process:", [(s, host_losses[s], round(ref_losses[s], 5)) for s in sorted(host_losses)])
     assert worst <= 1e-5   # the printed losses have 5 decimals
 
-    a, b = _restore_params(run["ref"], STEPS), _restore_params(run["work"], STEPS)
+    a, b = _restore_params(run["ref"], last), _restore_params(run["work"], last)
     assert a.keys() == b.keys() and len(a) > 100
     diff = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
     scale = max(float(np.max(np.abs(a[k]))) for k in a)
     same = sum(np.array_equal(a[k], b[k]) for k in a)
-    print(f"params at step {STEPS}: {same}/{len(a)} arrays bit-identical; max |diff| {diff:.2e} (max |param| "
+    print(f"params at step {last}: {same}/{len(a)} arrays bit-identical; max |diff| {diff:.2e} (max |param| "
           f"{scale:.2f})")
     assert diff <= 1e-6 * scale
 
