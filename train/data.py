@@ -52,7 +52,7 @@ class ClipFolderSource:
     def __init__(self, folder: str):
         if not os.path.isdir(folder):
             raise ConfigError(f"--data-dir {folder}: no such folder; write clips with train.data.write_clip_folder "
-                              "(the WebVid builder comes later)")
+                              "or build WebVid with `python -m train build-webvid`")
         path = os.path.join(folder, INDEX)
         try:
             with open(path) as f:
