@@ -160,7 +160,7 @@ class PrepareClip:
 
 
 def make_loader(source: ClipSource, *, per_host_batch: int, seed: int, num_frames: int, resolution: int,
-                tokenizer, shard_by_process: bool = True, shard: tuple[int, int] | None = None,
+                tokenizer, shard: tuple[int, int] | None = None,
                 prepared: bool = False):
     """grain DataLoader: seeded shuffle, endless epochs, one shard per JAX process, per-host batches.
 
@@ -175,12 +175,10 @@ def make_loader(source: ClipSource, *, per_host_batch: int, seed: int, num_frame
 
     if len(source) == 0:
         raise ConfigError("the dataset is empty; add clips first")
-    if shard is not None:
-        shard = grain.sharding.ShardOptions(shard_index=shard[0], shard_count=shard[1], drop_remainder=True)
-    elif shard_by_process:
+    if shard is None:
         shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
     else:
-        shard = grain.sharding.NoSharding()
+        shard = grain.sharding.ShardOptions(shard_index=shard[0], shard_count=shard[1], drop_remainder=True)
     sampler = grain.samplers.IndexSampler(len(source), shard_options=shard, shuffle=True, num_epochs=None, seed=seed)
     prepare = PrepareClip(num_frames, resolution, tokenizer)
 

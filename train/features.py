@@ -16,7 +16,7 @@ the caption. The cache stores what those networks give, *before anything is draw
 Row i is the source's record i, so a cached run with the same seed sees the same clips at every step as a
 raw run. Moments, not latents: the raw step draws a fresh posterior sample each step with its own key, and
 `Trainer.cached_conditioning` does the same from the moments with the same key and formula, so the cached
-step is the same computation (tests/test_train_features.py compares loss and gradients). Values are
+step is the same computation (tests/test_train_features.py compares the conditioning both build). Values are
 stored as float32 (exact for bfloat16 encoders too); the manifest records the encoders' output dtypes and
 the reader casts back to them.
 
@@ -39,13 +39,13 @@ from storydiff_jax.errors import ConfigError
 
 from .config import TrainConfig
 from .data import ClipSource, PrepareClip, open_source
+from .step import CACHED_BATCH, FROZEN_ONLY, all_values
 
 FORMAT = "storydiff-features"
 VERSION = 1
 MANIFEST = "manifest.json"
-PER_CLIP = ("latent_mean", "latent_logvar", "image_feats", "text_states")   # = step.CACHED_BATCH
+PER_CLIP = CACHED_BATCH                    # the batch keys of a cached step
 CONSTANTS = ("uncond_image", "empty_text")
-FROZEN_ENCODERS = ("vae", "image_encoder", "text_encoder")                  # = step.FROZEN_ONLY
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -61,10 +61,8 @@ def model_fingerprint(components) -> str:
     weights and the tokenizer's vocabulary and merges (float32 weights: a few seconds at SD1.5 size)."""
     import dataclasses
 
-    from .step import all_values
-
     h = hashlib.blake2b(digest_size=16)
-    for name in FROZEN_ENCODERS:
+    for name in FROZEN_ONLY:
         h.update(json.dumps([name, dataclasses.asdict(components.config.component_config(name))], sort_keys=True,
                             default=str).encode())
         for path, value in sorted(all_values(getattr(components, name)).items()):
@@ -87,11 +85,17 @@ def source_ids(source: ClipSource) -> list[str]:
     return [str(i) for i in ids]
 
 
-def dataset_identity(ids: list[str]) -> dict:
+def dataset_identity(source: ClipSource) -> dict:
+    """Clip count and a hash identifying the dataset: the source's own `fingerprint()` when it has one (a
+    WebVid build: its build summary, so a run never reads millions of records to check its cache), else a
+    hash of the ids in order."""
+    fingerprint = getattr(source, "fingerprint", None)
+    if fingerprint is not None:
+        return {"clips": len(source), "ids_hash": fingerprint()}
     h = hashlib.blake2b(digest_size=16)
-    for i in ids:
+    for i in source_ids(source):
         h.update(i.encode() + b"\n")
-    return {"clips": len(ids), "ids_hash": _digest(h)}
+    return {"clips": len(source), "ids_hash": _digest(h)}
 
 
 def model_flag(model: str) -> str:
@@ -119,7 +123,7 @@ def write_features(cfg: TrainConfig, out: str, *, overwrite: bool = False, progr
     from storydiff_jax.outputs import staged_folder
     from storydiff_jax.pipelines.video_components import load_video_components, load_video_config
 
-    from .step import FROZEN_ONLY, Trainer, check_settings, global_batch, make_mesh, put, split_params
+    from .step import Trainer, check_settings, global_batch, make_mesh, put, split_params
 
     source = open_source(cfg.data_dir, frames=cfg.frames, resolution=cfg.resolution)
     config = load_video_config(cfg.model)
@@ -179,7 +183,7 @@ def write_features(cfg: TrainConfig, out: str, *, overwrite: bool = False, progr
         manifest = {"format": FORMAT, "version": VERSION, "frames": cfg.frames, "resolution": cfg.resolution,
                     "model": {"name": cfg.model if model_flag(cfg.model).startswith("--preset") else
                               os.path.abspath(cfg.model), "dtype": cfg.dtype, "fingerprint": fingerprint},
-                    "dataset": {"data_dir": os.path.abspath(cfg.data_dir), **dataset_identity(ids)},
+                    "dataset": {"data_dir": os.path.abspath(cfg.data_dir), **dataset_identity(source)},
                     "arrays": {k: {"shape": shapes[k], "dtype": dtypes[k]} for k in (*PER_CLIP, *CONSTANTS)}}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
@@ -248,7 +252,7 @@ class FeatureCache:
         if m["model"]["dtype"] != cfg.dtype:
             raise ConfigError(f"--features {self.folder}: cached features were computed in {m['model']['dtype']}, "
                               f"this run has --dtype {cfg.dtype}; {fix}")
-        mine, theirs = dataset_identity(source_ids(source)), m["dataset"]
+        mine, theirs = dataset_identity(source), m["dataset"]
         if (mine["clips"], mine["ids_hash"]) != (theirs["clips"], theirs["ids_hash"]):
             raise ConfigError(f"--features {self.folder}: cached features are of {theirs['data_dir']} ({theirs['clips']} "
                               f"clips, ids {theirs['ids_hash']}), --data-dir {cfg.data_dir} has {mine['clips']} "
@@ -265,7 +269,7 @@ class FeatureCache:
 
     def frozen(self, frozen: dict) -> dict:
         """The run's frozen params without the encoders (never put on the devices), plus the constants."""
-        out = {k: v for k, v in frozen.items() if k not in FROZEN_ENCODERS}
+        out = {k: v for k, v in frozen.items() if k not in FROZEN_ONLY}
         out["features"] = dict(self.constants)
         return out
 

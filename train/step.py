@@ -40,7 +40,7 @@ from storydiff_jax.errors import ConfigError
 from storydiff_jax.images import CLIP_MEAN, CLIP_STD
 from storydiff_jax.models.clip_text import tokenize
 from storydiff_jax.models.smp import SMPConfig, smp_init_params
-from storydiff_jax.models.vae import VAEConfig
+from storydiff_jax.models.vae import posterior_latents
 from storydiff_jax.params import path_str
 from storydiff_jax.pipelines.components import component_dtype
 from storydiff_jax.pipelines.video_components import BUILDERS, VideoComponents, VideoPipelineConfig
@@ -252,15 +252,6 @@ def vae_pixels(frames: jax.Array) -> jax.Array:
     """uint8 [B, L, R, R, 3] -> VAE input [B * L, R, R, 3] in [-1, 1]."""
     b, l, h, w, c = frames.shape
     return frames.reshape(b * l, h, w, c).astype(jnp.float32) / 127.5 - 1.0
-
-
-def posterior_latents(vae: VAEConfig, mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Array:
-    """A sample of the VAE posterior N(mean, exp(logvar)), shifted and scaled into diffusion space: the
-    formula of `AutoencoderKL.encode_latents(images, key)` operation for operation (float32 arithmetic,
-    the sample cast back to the moments' dtype), so cached moments give exactly the in-step latents."""
-    noise = jax.random.normal(key, mean.shape, jnp.float32)
-    z = (mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * noise).astype(mean.dtype)
-    return (z - (vae.shift_factor or 0.0)) * vae.scaling_factor
 
 
 def clip_pixels(frames: jax.Array, size: int) -> jax.Array:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -617,6 +618,16 @@ class WebVidSource:
         r = self.records[int(index)]
         return {"id": _text(r["videoid"]), "frames": r["frames"], "caption": _text(r["caption"]),
                 "page_dir": _text(r["page_dir"])}
+
+    def fingerprint(self) -> str:
+        """Identity of this split's records without reading them: the build's summary (settings, counts,
+        the skipped videos) and the names and sizes of the build's files (a rebuild from other inputs
+        changes them; an identical rebuild is byte-identical)."""
+        files = sorted((name, os.path.getsize(os.path.join(self.folder, name))) for name in os.listdir(self.folder)
+                       if os.path.isfile(os.path.join(self.folder, name)))
+        h = hashlib.blake2b(digest_size=8)
+        h.update(json.dumps([self.split, self.summary, files], sort_keys=True).encode())
+        return h.hexdigest()
 
     def __getstate__(self):
         return {**self.__dict__, "_records": None}

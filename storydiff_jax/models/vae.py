@@ -227,6 +227,18 @@ class Decoder(nnx.Module):
         return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
 
 
+def posterior_latents(config: VAEConfig, mean: jax.Array, logvar: jax.Array,
+                      key: jax.Array | None = None) -> jax.Array:
+    """The posterior N(mean, exp(logvar)) -> diffusion-space latents: its mean, or a sample when `key` is
+    given (float32 arithmetic, cast back to the moments' dtype), shifted and scaled. The training feature
+    cache stores the moments and samples here, so cached and in-step latents are the same computation."""
+    z = mean
+    if key is not None:
+        noise = jax.random.normal(key, mean.shape, jnp.float32)
+        z = (mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * noise).astype(mean.dtype)
+    return (z - (config.shift_factor or 0.0)) * config.scaling_factor
+
+
 class AutoencoderKL(nnx.Module):
     """diffusers' AutoencoderKL: `encode` images to latent moments, `decode` latents to images (NHWC)."""
 
@@ -259,13 +271,7 @@ class AutoencoderKL(nnx.Module):
 
     def encode_latents(self, images: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """Images -> diffusion-space latents: the mean (or a sample when `key` is given), shifted and scaled."""
-        mean, logvar = self.encode(images)
-        z = mean
-        if key is not None:
-            noise = jax.random.normal(key, mean.shape, jnp.float32)
-            z = (mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * noise).astype(mean.dtype)
-        shift = self.config.shift_factor or 0.0
-        return (z - shift) * self.config.scaling_factor
+        return posterior_latents(self.config, *self.encode(images), key)
 
     def decode_latents(self, latents: jax.Array) -> jax.Array:
         """Diffusion-space latents -> images: undo the scaling (and shift), then `decode`."""
