@@ -91,24 +91,21 @@ def dot_conv_flops(jaxpr) -> float:
 
 
 def abstract_split(config, cfg):
-    """`train.step.split_params` on shapes only (no weights drawn): trainable params float32, frozen
-    ones at the compute dtype (the VAE where its config forces float32)."""
+    """`train.step.split_params` on shapes only (no weights drawn), with the same trainable/frozen split
+    and dtypes (`train.step.placement`)."""
     import jax
     import jax.numpy as jnp
 
-    from storydiff_jax.pipelines.components import component_dtype
     from storydiff_jax.pipelines.video_components import expected_params
-    from train.step import is_trainable, smp_config_for
+    from train.step import COMPONENTS, placement, smp_config_for
 
     config = dataclasses.replace(config, smp=smp_config_for(config))
-    compute = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     trainable, frozen = {}, {}
-    for name in ("unet", "vae", "text_encoder", "image_encoder", "image_proj", "smp"):
-        frozen_dtype = component_dtype(config, name, compute)
+    for name in COMPONENTS:
         t, f = {}, {}
         for k, s in expected_params(name, config).items():
-            train = is_trainable(name, k, cfg.freeze_motion)
-            dtype = s.dtype if not jnp.issubdtype(s.dtype, jnp.floating) else (jnp.float32 if train else frozen_dtype)
+            train, dtype = placement(config, cfg, name, k)
+            dtype = dtype if jnp.issubdtype(s.dtype, jnp.floating) else s.dtype
             (t if train else f)[k] = jax.ShapeDtypeStruct(s.shape, dtype)
         if t:
             trainable[name] = t

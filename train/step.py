@@ -50,6 +50,7 @@ from .config import TrainConfig
 
 TRAINED = ("image_proj", "smp", "unet")      # components with trainable parameters (unet: a subset)
 FROZEN_ONLY = ("vae", "image_encoder", "text_encoder")
+COMPONENTS = ("unet", "vae", "text_encoder", "image_encoder", "image_proj", "smp")
 RAW_BATCH = ("frames", "input_ids")
 CACHED_BATCH = ("latent_mean", "latent_logvar", "image_feats", "text_states")   # train/features.py
 
@@ -115,8 +116,16 @@ def all_values(model: nnx.Module) -> dict[str, jax.Array]:
     return {path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
 
 
+def placement(config: VideoPipelineConfig, cfg: TrainConfig, component: str, path: str) -> tuple[bool, Any]:
+    """(trainable?, the dtype its floating values are kept in): trainable (master) params in float32,
+    frozen ones at the compute dtype (half the memory in bf16; the VAE where its config forces float32)."""
+    if is_trainable(component, path, cfg.freeze_motion):
+        return True, np.float32
+    return False, component_dtype(config, component, jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32)
+
+
 def split_params(components: VideoComponents, cfg: TrainConfig, *, smp_from_model: bool,
-                 only: tuple[str, ...] = ("unet", "vae", "text_encoder", "image_encoder", "image_proj", "smp")):
+                 only: tuple[str, ...] = COMPONENTS):
     """(trainable {component: flat}, frozen {component: flat}, video config with an SMP) as float32 numpy.
 
     smp_from_model: start from the model's SMP (a converted folder's trained one); else the training
@@ -135,13 +144,11 @@ def split_params(components: VideoComponents, cfg: TrainConfig, *, smp_from_mode
         else:
             values = all_values(getattr(components, name))
         t, f = {}, {}
-        # Trainable (master) params in float32; frozen ones at the compute dtype (half the memory in bf16).
-        frozen_dtype = component_dtype(config, name, jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32)
         for k, v in values.items():
             v = np.asarray(v)
-            train = is_trainable(name, k, cfg.freeze_motion)
+            train, dtype = placement(config, cfg, name, k)
             if np.issubdtype(v.dtype, np.floating):
-                v = v.astype(np.float32 if train else frozen_dtype)
+                v = v.astype(dtype)
             (t if train else f)[k] = v
         if t:
             trainable[name] = t
@@ -294,7 +301,7 @@ class Trainer:
         compute = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
         check_settings(cfg, config)
         asm = {}
-        for name in ("unet", "vae", "text_encoder", "image_encoder", "image_proj", "smp"):
+        for name in COMPONENTS:
             c, dt = config.component_config(name), component_dtype(config, name, compute)
             asm[name] = Assembler(lambda c=c, dt=dt, name=name: BUILDERS[name](c, dtype=dt, rngs=nnx.Rngs(0)))
         return cls(cfg, config, asm, tokenize(tokenizer, [""])[0], optimizer(cfg))
