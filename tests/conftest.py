@@ -30,6 +30,11 @@ def xla_flags(devices: int) -> str:
     return f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"
 
 
+def cpu_env(devices: int, **extra: str) -> dict:
+    """The environment of a subprocess on `devices` fake CPU devices (the suite's flags kept), plus `extra`."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices), **extra}
+
+
 # Two pytest workers share two cores: torch's own thread pool (one thread per core in each worker)
 # oversubscribes them and made the tiny reference models' matmuls ~40x slower (15.6 ms vs 0.38 ms).
 try:

@@ -7,13 +7,12 @@ latents agree within 1e-5 * max(1, max |x|) (per-device GEMM shapes differ, so n
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-from conftest import xla_flags
+from conftest import cpu_env
 
 _DEVICES_SCRIPT = r"""
 import json, sys
@@ -63,7 +62,7 @@ print("RESULT" + json.dumps(out))
 
 def test_window_eight_devices_match_one():
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
+    env = cpu_env(8)
     proc = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import xla_flags
+from conftest import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, SAVE_EVERY, CLIPS = 8, 3, 8
@@ -41,9 +41,6 @@ def _run_args(data, workdir, **over):
         args += [f"--{k.replace('_', '-')}", str(v)]
     return args
 
-
-def _env(devices=8):
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices)}
 
 
 def write_clips(folder, n=CLIPS, frames=4, size=64):
@@ -70,7 +67,7 @@ def _restore_params(workdir, step):
 # ------------------------------------------------------------------------------------------------ driver
 
 def driver(data, ref, out):
-    """Runs with 8 host devices (see `_env`); writes its measurements to `out` (JSON)."""
+    """Runs with 8 host devices (`cpu_env(8)`); writes its measurements to `out` (JSON)."""
     import jax
 
     from storydiff_jax.pipelines.video_components import load_video_components
@@ -161,7 +158,7 @@ def kill_and_resume(data, work, main):
     log = os.path.join(work, "examples-p0.log")
     first_save = os.path.join(work, "checkpoints", str(SAVE_EVERY))
     # 1. SIGKILL once the first checkpoint exists and two more steps have started.
-    proc = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT, env=_env(8), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT, env=cpu_env(8), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     _signal_when(log, lambda n: n >= SAVE_EVERY + 2 and os.path.isdir(first_save), proc.kill, proc)
     killed_out = proc.communicate(timeout=900)[0]
@@ -196,7 +193,7 @@ def run(tmp_path_factory):
     data = write_clips(root / "clips")
     ref, out = str(root / "ref"), str(root / "driver.json")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, data, ref, out], cwd=ROOT, env=_env(8), capture_output=True,
+    proc = subprocess.run([sys.executable, __file__, data, ref, out], cwd=ROOT, env=cpu_env(8), capture_output=True,
                           text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(out) as f:

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import xla_flags
+from conftest import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, CLIPS, HOSTS = 6, 8, 2
@@ -35,9 +35,6 @@ REF = {**RUN, "save_every": 1, "keep": STEPS}
 FULL = os.environ.get("STORYDIFF_FULL_MULTIHOST") == "1"
 TIMEOUT = 1500   # a cold compilation cache on a busy 2-core machine: ~7 min per program, three at once
 
-
-def _env(devices):
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices)}
 
 
 def _free_port():
@@ -57,7 +54,7 @@ def _host_args(data, workdir, port, process):
 
 def _start_hosts(data, workdir):
     port = _free_port()
-    return [subprocess.Popen(_host_args(data, workdir, port, i), cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
+    return [subprocess.Popen(_host_args(data, workdir, port, i), cwd=ROOT, env=cpu_env(1), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True) for i in range(HOSTS)]
 
 
@@ -100,7 +97,7 @@ def run(tmp_path_factory):
     t0 = time.perf_counter()
     # The reference runs beside the two hosts (three processes on two cores; the hosts' steps wait on each
     # other's collectives anyway).
-    ref_proc = subprocess.Popen([sys.executable, __file__, data, ref, ref_out], cwd=ROOT, env=_env(2),
+    ref_proc = subprocess.Popen([sys.executable, __file__, data, ref, ref_out], cwd=ROOT, env=cpu_env(2),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     procs = _start_hosts(data, work)
     # SIGTERM to process 1 alone, once it has started its second step.
@@ -202,7 +199,7 @@ def test_distributed_option_errors(tmp_path):
              (["--process-id", "1"], "--coordinator / --num-processes / --process-id need --distributed")]
     for extra, message in cases:
         proc = subprocess.run([sys.executable, "-m", "train", "smp", "--data-dir", str(tmp_path / "clips"),
-                               "--workdir", str(tmp_path / "w"), *extra], cwd=ROOT, env=_env(1), capture_output=True,
+                               "--workdir", str(tmp_path / "w"), *extra], cwd=ROOT, env=cpu_env(1), capture_output=True,
                               text=True, timeout=300)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr[-2000:]
     assert os.listdir(tmp_path) == []

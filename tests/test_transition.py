@@ -17,7 +17,7 @@ from storydiff_jax.errors import ConfigError
 from storydiff_jax.models.smp import interpolate_tokens
 from storydiff_jax.pipelines.transition import TransitionOptions, TransitionPipeline, fit_image
 from storydiff_jax.pipelines.video_components import PRESETS
-from conftest import xla_flags
+from conftest import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = TransitionOptions(frames=4, steps=2, height=64, width=64, smp="predict")
@@ -121,8 +121,7 @@ np.save(__import__("sys").argv[1], np.stack([many, one]))
 def test_eight_devices_equal_one(tmp_path):
     """Frames sharded over 8 fake CPU devices give the same video as one device (uint8, within 1)."""
     out = tmp_path / "frames.npy"
-    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": ROOT}
+    env = cpu_env(8, PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, "-c", SHARDED, str(out)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
