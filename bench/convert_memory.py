@@ -79,7 +79,7 @@ def write_single_file(path: Path, seed: int = 0) -> dict:
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
-        for key, (shape, dtype, value) in layout.items():
+        for shape, dtype, value in layout.values():
             if value is not None:
                 f.write(np.ascontiguousarray(value, dtype=dtype).tobytes())
                 continue

@@ -43,7 +43,8 @@ def machine(load: bool = False) -> str:
     """Host, CPU, memory and Python; with `load`, the load average now (a busy host slows the CPU sides)."""
     line = _proc_line("/proc/meminfo", "MemTotal")
     mem = f", {int(line.split()[1]) / 2**20:.0f} GiB RAM" if line else ""
-    text = f"{platform.node() or 'host'}: {cpu_model()}, {os.cpu_count()} CPUs{mem}, Python {platform.python_version()}"
+    text = (f"{platform.node() or 'host'}: {cpu_model()}, {os.cpu_count()} CPUs{mem}, "
+            f"Python {platform.python_version()}")
     return text + ("; load average at the end {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()) if load else "")
 
 

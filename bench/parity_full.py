@@ -117,8 +117,8 @@ from flax import nnx  # noqa: E402
 
 from convert.state_dict import convert_tensors  # noqa: E402
 from storydiff_jax.models import unet as unet_mod  # noqa: E402
-from storydiff_jax.models import video_unet as video_mod  # noqa: E402
 from storydiff_jax.models import vae as vae_mod  # noqa: E402
+from storydiff_jax.models import video_unet as video_mod  # noqa: E402
 from storydiff_jax.params import abstract_params, build_with_params  # noqa: E402
 
 JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -318,7 +318,8 @@ def run_unet(arch: str, args, env) -> dict | None:
     kw = {"added_cond_kwargs": {k: torch.from_numpy(v).to(dev) for k, v in extra.items()}} if extra else {}
     log(f"{what}: PyTorch forward, latent {b}x{config.in_channels}x{side}x{side}")
     with torch.no_grad():
-        ref, torch_s = torch_time(lambda: model(tx, tt, tc, **kw).sample, warmup=args.warmup,
+        # F821 here is a ruff false positive: the lambda runs before the `del` below (astral-sh/ruff#20753)
+        ref, torch_s = torch_time(lambda: model(tx, tt, tc, **kw).sample, warmup=args.warmup,  # noqa: F821
                                   repeats=args.repeats, cuda=dev == "cuda")
     ref = ref.float().cpu().numpy()
     sd = model.state_dict()
@@ -421,7 +422,8 @@ def run_video_unet(args, env) -> dict | None:
     # ---- PyTorch reference
     log(f"{what}: building diffusers UNetMotionModel ({gib:.2f} GiB fp32)")
     torch.manual_seed(args.seed)
-    from diffusers import MotionAdapter, UNet2DConditionModel as TorchUNet, UNetMotionModel
+    from diffusers import MotionAdapter, UNetMotionModel
+    from diffusers import UNet2DConditionModel as TorchUNet
     d = ucfg.to_dict()
     d.pop("_class_name")
     unet2d = TorchUNet(**d).eval()
@@ -445,7 +447,8 @@ def run_video_unet(args, env) -> dict | None:
     log(f"{what}: PyTorch forward, {b} video(s) x {f} frames x {ucfg.in_channels}x{side}x{side}, "
         f"IP-Adapter in {n_ip} layers")
     with torch.no_grad():
-        ref, torch_s = torch_time(lambda: model(tx, tt, (tc, [tip])).sample, warmup=args.warmup,
+        # F821 here is a ruff false positive: the lambda runs before the `del` below (astral-sh/ruff#20753)
+        ref, torch_s = torch_time(lambda: model(tx, tt, (tc, [tip])).sample, warmup=args.warmup,  # noqa: F821
                                   repeats=args.repeats, cuda=dev == "cuda")
     ref = ref.float().cpu().numpy().transpose(0, 2, 1, 3, 4)                           # [B, F, C, h, w]
     sd = model.state_dict()
@@ -511,13 +514,14 @@ def run_vae(arch: str, args, env) -> list[dict]:
     cuda = dev == "cuda"
     with torch.no_grad():
         log(f"{what}: PyTorch decode {b}x{config.latent_channels}x{side}x{side}")
-        ref_dec, torch_dec_s = torch_time(lambda: model.decode(tz).sample, warmup=args.warmup,
+        # F821 here is a ruff false positive: the lambda runs before the `del` below (astral-sh/ruff#20753)
+        ref_dec, torch_dec_s = torch_time(lambda: model.decode(tz).sample, warmup=args.warmup,  # noqa: F821
                                           repeats=args.repeats, cuda=cuda)
         ref_dec = ref_dec.cpu().numpy()
         log(f"{what}: PyTorch encode {b}x{config.in_channels}x{img}x{img}")
 
         def encode():
-            dist = model.encode(timg).latent_dist
+            dist = model.encode(timg).latent_dist  # noqa: F821  (run before the `del` below; astral-sh/ruff#20753)
             return torch.cat([dist.mean, dist.logvar], dim=1)
         ref_enc, torch_enc_s = torch_time(encode, warmup=args.warmup, repeats=args.repeats, cuda=cuda)
         ref_enc = ref_enc.cpu().numpy()

@@ -51,8 +51,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import (ROOT, cpu_model, fmt_bytes, fmt_s, machine, peak_rss_bytes, ratio,
-                     settings_key, shown_command, spawn, write_worker_result)
+from harness import (
+    ROOT,
+    cpu_model,
+    fmt_bytes,
+    fmt_s,
+    machine,
+    peak_rss_bytes,
+    ratio,
+    settings_key,
+    shown_command,
+    spawn,
+    write_worker_result,
+)
+
 for p in (str(ROOT), str(ROOT / "tests")):
     if p not in sys.path:
         sys.path.insert(0, p)
@@ -117,8 +129,9 @@ def resolve_dtype(name: str, gpu: bool) -> str:
 
 
 def _settings_key(args, mode: str) -> str:
-    fields = {k: getattr(args, k) for k in ("preset", "height", "width", "steps", "panels", "id_length", "characters",
-                                            "window", "chunk", "read_batch", "dtype", "seed", "repeat", "bank_offload")}
+    fields = {k: getattr(args, k) for k in ("preset", "height", "width", "steps", "panels", "id_length",
+                                            "characters", "window", "chunk", "read_batch", "dtype", "seed", "repeat",
+                                            "bank_offload")}
     fields["mode"] = mode
     if mode == "torch":
         fields["torch_threads"] = args.torch_threads
@@ -423,12 +436,14 @@ def report(args, argv, results: dict) -> str:
     out.append("")
     tr = results.get("torch", {})
     if "error" not in tr and tr:
-        out.append(f"Reference: torch {tr.get('torch')}, {tr.get('dtype')}, {tr.get('threads')} CPU thread(s); per story = "
-                   "write calls + read calls, text encoding and VAE decode included (as `pipe(...)` does them). Ours: "
-                   "one `StoryPipeline.__call__` (text encoding, write/read or window, decode, typesetting).")
+        out.append(f"Reference: torch {tr.get('torch')}, {tr.get('dtype')}, {tr.get('threads')} CPU thread(s); "
+                   "per story = write calls + read calls, text encoding and VAE decode included (as `pipe(...)` does "
+                   "them). Ours: one `StoryPipeline.__call__` (text encoding, write/read or window, decode, "
+                   "typesetting).")
+    memory = ("device allocator peaks (JAX peak_bytes_in_use vs torch max_memory_allocated)" if gpu
+              else "peak RSS of each mode process (the compiled-program column is informative only)")
     out.append("Ratios: > 1 means ours is faster / smaller. Target: time ratio >= 2 and memory ratio >= 2 "
-               f"(GPU, sdxl 768x768, 35 steps, 8 panels, id length 4). Memory ratio: "
-               f"{'device allocator peaks (JAX peak_bytes_in_use vs torch max_memory_allocated)' if gpu else 'peak RSS of each mode process (the compiled-program column is informative only)'}.")
+               f"(GPU, sdxl 768x768, 35 steps, 8 panels, id length 4). Memory ratio: {memory}.")
     for mode in ("bank", "window"):
         comp = results.get(mode, {}).get("compiled")
         if comp:

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from harness import ROOT, fmt_bytes, fmt_s, machine, settings_key, shown_command, spawn, write_worker_result
+
 # This file is bench/train.py: with bench/ on sys.path, `import train` would find it instead of the
 # repository's `train` package.
 _HERE = Path(__file__).resolve().parent
@@ -227,9 +228,11 @@ def report(args, argv, results: dict) -> str:
     out = [f"## Train-step benchmark, {args.preset}, {args.frames} frames, {args.dtype}"
            f"{' + remat' if args.remat else ''}, {args.batch_per_device} clip(s) per device — {title} ({now})", ""]
     if functional:
-        out += [f"> **Not the target measurement** ({kind}{', tiny random-weight model' if args.preset.startswith('tiny-') else ''}):"
+        tiny = ", tiny random-weight model" if args.preset.startswith("tiny-") else ""
+        out += [f"> **Not the target measurement** ({kind}{tiny}):"
                 " it shows the benchmark runs end to end; its times say nothing about the target "
-                f"({TARGET}). The real measurement: `bash bench/run_gpu.sh train` on a GPU machine (`{REAL_COMMAND}`).",
+                f"({TARGET}). The real measurement: `bash bench/run_gpu.sh train` on a GPU machine "
+                f"(`{REAL_COMMAND}`).",
                 ""]
     out += [f"Command: `python {' '.join(shlex.quote(a) for a in ['bench/train.py', *shown_command(argv)])}`", ""]
     devices = "; ".join(sorted({f"{r['backend']} {r['device']} x{r['devices']} ({r['versions']})" for r in ok}))
@@ -248,7 +251,8 @@ def report(args, argv, results: dict) -> str:
             continue
         mfu = r.get("mfu")
         out.append(f"| {res}² | {r['batch']} | {fmt_s(r['compile_s'])} | {_tf(r.get('flops_xla'))} | "
-                   f"{_tf(r.get('flops_dots'))} | {fmt_bytes(r.get('temp_bytes'))} | {fmt_bytes(r.get('argument_bytes'))} | "
+                   f"{_tf(r.get('flops_dots'))} | {fmt_bytes(r.get('temp_bytes'))} | "
+                   f"{fmt_bytes(r.get('argument_bytes'))} | "
                    f"{fmt_s(r.get('step_s'))} | "
                    + ("n/a" if r.get("examples_per_s_per_device") is None else f"{r['examples_per_s_per_device']:.3f}")
                    + f" | {'n/a' if r.get('tflops_per_device') is None else format(r['tflops_per_device'], '.2f')} | "
@@ -283,7 +287,8 @@ def parse_args(argv=None):
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.resolutions = [int(r) for r in args.resolutions.split(",") if r.strip()]
-    if not args.resolutions or min(args.resolutions) < 8 or args.frames < 2 or args.steps < 1 or args.batch_per_device < 1:
+    if (not args.resolutions or min(args.resolutions) < 8 or args.frames < 2 or args.steps < 1
+            or args.batch_per_device < 1):
         p.error("need resolutions >= 8, --frames >= 2, --steps >= 1, --batch-per-device >= 1")
     return args
 

@@ -50,8 +50,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import (ROOT, cpu_model, fmt_bytes, fmt_s, machine, peak_rss_bytes, ratio,
-                     settings_key, shown_command, spawn, write_worker_result)
+from harness import (
+    ROOT,
+    cpu_model,
+    fmt_bytes,
+    fmt_s,
+    machine,
+    peak_rss_bytes,
+    ratio,
+    settings_key,
+    shown_command,
+    spawn,
+    write_worker_result,
+)
+
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -197,10 +209,21 @@ def _ip_adapter_plus_file(folder: Path, unet, proj_cfg, seed: int) -> str:
 def build_torch_pipeline(preset: str, device: str, dtype, seed: int):
     """diffusers' AnimateDiffPipeline + IP-Adapter-Plus at the sizes of our preset, random weights."""
     import torch
-    from diffusers import (AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel,
-                           UNetMotionModel)
-    from transformers import CLIPImageProcessor, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
-    from transformers import CLIPTextModel
+    from diffusers import (
+        AnimateDiffPipeline,
+        AutoencoderKL,
+        DDIMScheduler,
+        MotionAdapter,
+        UNet2DConditionModel,
+        UNetMotionModel,
+    )
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextModel,
+        CLIPTokenizer,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     from storydiff_jax.pipelines.video_components import PRESETS
     from storydiff_jax.tokenizer_files import EOS, write_clip_tokenizer
@@ -249,11 +272,10 @@ def build_torch_pipeline(preset: str, device: str, dtype, seed: int):
 
 
 def torch_worker(args) -> dict:
+    import diffusers
     import numpy as np
     import torch
     from PIL import Image
-
-    import diffusers
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -366,10 +388,12 @@ def report(args, argv, results: dict) -> str:
     out += [f"Machine: {machine(load=True)}. {devices}", ""]
     out.append(table(args, results, gpu))
     out.append("")
+    memory = ("device allocator peaks (JAX peak_bytes_in_use vs torch max_memory_allocated), weights included"
+              if gpu else "peak RSS of each side process (weights, activations, framework)")
     out.append("Per video: the fastest call after the first (one call = image encoding, SMP, text encoding, "
                f"{args.steps} denoising steps with CFG over {args.frames} frames, VAE decode, frames on the host); "
                "the first call includes JAX compilation (torch: warm-up). Ratios > 1 mean ours is faster / "
-               f"smaller. Memory: {'device allocator peaks (JAX peak_bytes_in_use vs torch max_memory_allocated), weights included' if gpu else 'peak RSS of each side process (weights, activations, framework)'}.")
+               f"smaller. Memory: {memory}.")
     out.append(f"Target: {TARGET}. Same work on both sides except: ours runs the Semantic Motion Predictor "
                "(a few ms; diffusers has none: every frame gets the start frame's image tokens) and encodes "
                "both pictures; ours has anchor=False here (its default holds the end frames to the input "
@@ -378,8 +402,8 @@ def report(args, argv, results: dict) -> str:
     for r in ok:
         if r.get("ip_layers"):
             out.append(f"diffusers side: IP-Adapter-Plus image branch in {r['ip_layers']} cross-attention layers "
-                       "(loaded from the original-format .bin written by the script); its MotionAdapter copy is dropped "
-                       "after `from_unet2d`, so only the U-Net's weights count.")
+                       "(loaded from the original-format .bin written by the script); its MotionAdapter copy is "
+                       "dropped after `from_unet2d`, so only the U-Net's weights count.")
         if r.get("weights_device"):
             out.append(f"torch weights on the device: {fmt_bytes(r['weights_device'])}.")
     bad = [r["side"] for r in ok if r.get("pixels", {}).get("std", 1.0) == 0.0

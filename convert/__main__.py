@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                "  python -m convert pipeline --src ./stable-diffusion-xl-base-1.0 --dst ./sdxl-jax\n"
                "  python -m convert pipeline --src ./juggernautXL.safetensors --dst ./jugg-jax --dtype bfloat16\n"
                "  python -m convert video --sd15 ./stable-diffusion-v1-5 --motion-module ./mm_sd_v15_v2.ckpt \\\n"
-               "      --image-encoder ./IP-Adapter/models/image_encoder --ip-adapter ./ip-adapter-plus_sd15.bin --dst ./video-jax\n"
+               "      --image-encoder ./IP-Adapter/models/image_encoder --ip-adapter ./ip-adapter-plus_sd15.bin "
+               "--dst ./video-jax\n"
                "then: python -m infer.story --model ./sdxl-jax --story examples/lighthouse_keepers.txt --out out/\n"
                "      python -m infer.transition --model ./video-jax --start a.png --end b.png --out walk.mp4")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -19,8 +19,8 @@ then built with `UNet2DConditionModel(config, ip_adapter=True)`.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -91,7 +91,8 @@ def read_ip_adapter(path: str | Path) -> dict[str, np.ndarray]:
     else:
         raise CheckpointError(f"{p}: unknown {_WHAT} file type {p.suffix!r}; pass the .bin or .safetensors file")
     other = sorted(k for k in flat if k.split(".", 1)[0] not in _GROUPS)
-    if other or not any(k.startswith("image_proj.") for k in flat) or not any(k.startswith("ip_adapter.") for k in flat):
+    if (other or not any(k.startswith("image_proj.") for k in flat)
+            or not any(k.startswith("ip_adapter.") for k in flat)):
         found = sorted({k.split(".", 1)[0] for k in flat})[:5]
         raise CheckpointError(f"{p}: an {_WHAT} file has exactly the groups image_proj and ip_adapter, found "
                               f"{', '.join(found) or 'nothing'}; is it an IP-Adapter checkpoint?")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 

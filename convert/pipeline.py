@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import resource
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from flax import nnx
@@ -125,7 +125,8 @@ def _single_file_source(path: Path, config_dir: Path | None) -> Source:
 def open_source(src: str, config_dir: str | None = None) -> Source:
     path = Path(src)
     if not path.exists():
-        raise CheckpointError(f"{src}: no such file or folder; pass a diffusers pipeline folder or a .safetensors file")
+        raise CheckpointError(f"{src}: no such file or folder; pass a diffusers pipeline folder or a "
+                              ".safetensors file")
     if path.is_dir():
         return _diffusers_source(path)
     if path.suffix != ".safetensors":
@@ -167,7 +168,7 @@ def convert_pipeline(src: str, dst: str, *, dtype: str = "float32", overwrite: b
             PipelineWriter(dst, overwrite=overwrite) as writer:
         for name in config.components:
             cfg = config.component_config(name)
-            expected = abstract_params(lambda: _BUILDERS[name](cfg, rngs=nnx.Rngs(0)))
+            expected = abstract_params(lambda name=name, cfg=cfg: _BUILDERS[name](cfg, rngs=nnx.Rngs(0)))
             params = convert_component(source, name, expected, bar=bar, dtype=np_dtype, what=f"{name} of {src}")
             writer.write_params(name, params)
             writer.write_json(f"{name}/config.json", cfg.to_dict())

@@ -27,8 +27,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -225,7 +225,8 @@ def write_tokenizers(out_dir: str | Path, arch: str) -> list[Path]:
     Single files carry no tokenizer. All SD1.5/SDXL tokenizers share CLIP's vocabulary; SDXL's second
     one (OpenCLIP bigG) pads with `!` (id 0) instead of `<|endoftext|>`, as in the published repo.
     """
-    from storydiff_jax.tokenizer_files import EOS, write_clip_tokenizer as write_tokenizer
+    from storydiff_jax.tokenizer_files import EOS
+    from storydiff_jax.tokenizer_files import write_clip_tokenizer as write_tokenizer
     _check_arch(arch)
     out = Path(out_dir)
     folders = [write_tokenizer(out / "tokenizer", pad_token=EOS)]

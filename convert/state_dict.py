@@ -8,7 +8,7 @@ tensors from disk never holds more than the output plus one tensor.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import jax
 import numpy as np

@@ -8,8 +8,8 @@ plus one tensor.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import jax.numpy as jnp
 import numpy as np

@@ -50,8 +50,9 @@ def _check_complete(name: str, params: dict, expected: dict) -> None:
     missing = sorted(set(expected) - set(params))
     extra = sorted(set(params) - set(expected))
     if missing or extra:
-        raise CheckpointError(f"video {name}: {len(missing)} parameters missing (e.g. {', '.join(missing[:3]) or '-'}), "
-                              f"{len(extra)} unexpected (e.g. {', '.join(extra[:3]) or '-'}); the inputs do not fit "
+        raise CheckpointError(f"video {name}: {len(missing)} parameters missing "
+                              f"(e.g. {', '.join(missing[:3]) or '-'}), {len(extra)} unexpected "
+                              f"(e.g. {', '.join(extra[:3]) or '-'}); the inputs do not fit "
                               "together (is every part made for SD1.5?)")
     for key, arr in params.items():
         if tuple(arr.shape) != tuple(expected[key].shape):
@@ -60,8 +61,8 @@ def _check_complete(name: str, params: dict, expected: dict) -> None:
 
 
 def convert_video(*, sd15: str, motion_module: str, image_encoder: str, ip_adapter: str, dst: str,
-                  smp: str | None = None, dtype: str = "float32", overwrite: bool = False, config_dir: str | None = None,
-                  progress: bool = True, log=print) -> str:
+                  smp: str | None = None, dtype: str = "float32", overwrite: bool = False,
+                  config_dir: str | None = None, progress: bool = True, log=print) -> str:
     """Convert the five inputs into the folder `dst` (written atomically). Returns the final path."""
     from flax import nnx
     from tqdm import tqdm

@@ -25,8 +25,8 @@ from contextlib import contextmanager
 
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_IMAGE_SIDE = 4096          # an upload larger than this is refused before it is decoded (decompression bombs)
-DEVICE_QUEUE = "device"
-AUTO = "auto"                  # id length left to the CLI (4, or the most the story allows)        # one concurrency group for every generating event: one run at a time per device
+DEVICE_QUEUE = "device"        # one concurrency group for every generating event: one run at a time per device
+AUTO = "auto"                  # id length left to the CLI (4, or the most the story allows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,7 +186,7 @@ class StoryApp:
         self._names = itertools.count()
         self._lock = threading.Lock()
 
-    def ready(self) -> "StoryApp":
+    def ready(self) -> StoryApp:
         self.story_pipe, self.video_pipe = self._loading.result()
         return self
 
@@ -384,7 +384,8 @@ def build_ui(app: StoryApp):
                         sampler = gr.Radio(["ddim", "euler"], value=sd["sampler"], label="sampler")
                         freeu = gr.Checkbox(not sd["no_freeu"], label="FreeU")
                     with gr.Accordion("character bank", open=False):
-                        save_bank = gr.Checkbox(False, label="save the character bank of this run", elem_id="save-bank")
+                        save_bank = gr.Checkbox(False, label="save the character bank of this run",
+                                                elem_id="save-bank")
                         continue_bank = gr.Checkbox(False, label="continue with this session's last saved bank",
                                                     elem_id="continue-bank")
                         bank_upload = gr.File(label="or load a bank file (.npz)", file_types=[".npz"], type="filepath")

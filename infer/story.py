@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--font", default=None, help="TrueType font for captions (default: Pillow's built-in font)")
     p.add_argument("--sampler", choices=["ddim", "euler"], default="ddim", help="sampler (default: ddim, as the "
                    "official StoryDiffusion)")
-    p.add_argument("--no-freeu", action="store_true", help="turn FreeU off (on by default: s1 0.6 s2 0.4 b1 1.1 b2 1.2)")
+    p.add_argument("--no-freeu", action="store_true",
+                   help="turn FreeU off (on by default: s1 0.6 s2 0.4 b1 1.1 b2 1.2)")
     p.add_argument("--read-batch", type=int, default=None, help="panels denoised together in the read phase "
                    "(default: 4; rounded up to a multiple of the device count)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,

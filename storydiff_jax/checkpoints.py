@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -57,10 +57,9 @@ def save_params(path: str, flat: Mapping[str, np.ndarray]) -> None:
     memory) buys nothing; dropping it takes a full SDXL conversion from 13.8 to 10.2 GiB peak
     (docs/conversion.md). Freed memory is handed back to the OS afterwards.
     """
+    import jax
     import orbax.checkpoint as ocp
     from orbax.checkpoint import type_handlers
-
-    import jax
 
     registry = type_handlers.create_type_handler_registry(
         (jax.Array, type_handlers.ArrayHandler()),
@@ -115,7 +114,7 @@ class PipelineWriter:
         self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.dst)}.partial-", dir=parent)
         self.overwrite = overwrite
 
-    def __enter__(self) -> "PipelineWriter":
+    def __enter__(self) -> PipelineWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -40,6 +40,7 @@ import numpy as np
 from .models.unet import UNetConfig
 from .nn.attention import Attention, attention_with_lengths
 
+
 @dataclass(frozen=True)
 class CSASettings:
     sa32: float = 0.5               # token sampling rate at 1/32 of the image side

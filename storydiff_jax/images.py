@@ -19,7 +19,7 @@ one pixel later. We follow transformers because IP-Adapter's reference code prep
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError

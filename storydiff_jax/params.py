@@ -7,7 +7,8 @@ conversion a mechanical, checkable mapping instead of a hand-written table per n
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, TypeVar
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp

@@ -118,7 +118,8 @@ class SchedulerConfig:
         for key, accepted in _UNSUPPORTED_OPTIONS.items():
             if d.get(key, accepted) != accepted:
                 raise ConfigError(
-                    f"scheduler config: {key}={d[key]!r} is not supported; only {accepted!r} (remove the key or set it)"
+                    f"scheduler config: {key}={d[key]!r} is not supported; only {accepted!r} "
+                    "(remove the key or set it)"
                 )
         class_name = d.get("_class_name")
         defaults = dict(_DIFFUSERS_DEFAULTS)

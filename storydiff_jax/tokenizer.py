@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import json
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import regex
@@ -132,7 +133,7 @@ class CLIPTokenizer:
     # -- loading ---------------------------------------------------------------------------------
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "CLIPTokenizer":
+    def from_folder(cls, folder: str | Path) -> CLIPTokenizer:
         """Load a tokenizer folder: vocab.json + merges.txt, else tokenizer.json; special tokens from
         tokenizer_config.json / special_tokens_map.json as transformers resolves them."""
         folder = Path(folder)
@@ -189,7 +190,8 @@ class CLIPTokenizer:
             if content in declared:  # transformers maps special tokens onto the declared added tokens
                 tok = declared[content]
             elif content not in vocab:
-                raise CheckpointError(f"{folder}: {key} {content!r} is not in the vocabulary; fix the tokenizer config")
+                raise CheckpointError(f"{folder}: {key} {content!r} is not in the vocabulary; "
+                                      "fix the tokenizer config")
             elif isinstance(value, dict):
                 tok = _added_token(value, vocab[content], folder)
             else:

@@ -24,8 +24,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from fractions import Fraction
-from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageSequence

@@ -202,7 +202,8 @@ def tiny_sdxl_pair(folder):
     ref.save_pretrained(folder)
     loaded = UNetConfig.from_dict(json.loads((Path(folder) / "config.json").read_text()))
     assert loaded == config
-    model = build_with_params(lambda: UNet2DConditionModel(loaded, rngs=nnx.Rngs(0)), convert_unet(str(folder), loaded))
+    model = build_with_params(lambda: UNet2DConditionModel(loaded, rngs=nnx.Rngs(0)),
+                              convert_unet(str(folder), loaded))
     graphdef, params = nnx.split(model)
     return ref, graphdef, params
 
@@ -296,8 +297,8 @@ def run_reference_story(pipe, story, options, *, state: CSAState | None = None, 
     state = state or CSAState()
     names = install_csa(pipe.unet, state, other=AttnProcessor2_0)
     if len(names) != len(layer_tokens):
-        raise RuntimeError(f"{len(names)} up-block attn1 layers in the diffusers U-Net, {len(layer_tokens)} CSA layers "
-                           f"in ours")
+        raise RuntimeError(f"{len(names)} up-block attn1 layers in the diffusers U-Net, "
+                           f"{len(layer_tokens)} CSA layers in ours")
     state.auto = True
 
     styled = [apply_style(o.style, p.prompt, o.negative) for p in story.panels]

@@ -200,8 +200,7 @@ def test_malformed_story_is_the_cli_error_and_writes_nothing(server, client, tmp
 
 
 def test_bad_settings_and_uploads(server, client, tmp_path):
-    from gradio_client import handle_file
-    from gradio_client import Client
+    from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
     junk = tmp_path / "junk.npz"
@@ -226,11 +225,13 @@ def test_bad_settings_and_uploads(server, client, tmp_path):
     Image.new("RGB", (64, 64), (200, 10, 10)).save(small)
     Image.new("RGB", (5000, 8)).save(wide)
     with pytest.raises(AppError, match="at most 4096 pixels"):
-        client.predict(source="uploaded images", start_panel=None, end_panel=None, start_upload=handle_file(str(small)),
-                       end_upload=handle_file(str(wide)), prompt="", frames=4, steps=2, seed=0, api_name="/transition")
+        client.predict(source="uploaded images", start_panel=None, end_panel=None,
+                       start_upload=handle_file(str(small)), end_upload=handle_file(str(wide)), prompt="", frames=4,
+                       steps=2, seed=0, api_name="/transition")
     with pytest.raises(AppError, match="no end image uploaded"):
-        client.predict(source="uploaded images", start_panel=None, end_panel=None, start_upload=handle_file(str(small)),
-                       end_upload=None, prompt="", frames=4, steps=2, seed=0, api_name="/transition")
+        client.predict(source="uploaded images", start_panel=None, end_panel=None,
+                       start_upload=handle_file(str(small)), end_upload=None, prompt="", frames=4, steps=2, seed=0,
+                       api_name="/transition")
 
 
 def test_one_run_at_a_time_the_next_waits_in_line(server, first_story):

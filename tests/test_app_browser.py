@@ -55,7 +55,7 @@ def _type_into(el, text):
     el.send_keys(text)
 
 
-def test_story_in_the_browser(server, browser, tmp_path):
+def test_story_in_the_browser(server, browser, tmp_path):  # noqa: F811  (the imported fixture, used as pytest does)
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait

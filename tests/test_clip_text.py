@@ -23,8 +23,7 @@ from safetensors.numpy import load_file, save_file
 
 from convert.clip_text import convert_clip_text, expected_params, load_clip_text, read_config
 from storydiff_jax.errors import CheckpointError, ConfigError
-from storydiff_jax.models.clip_text import (PRESETS, CLIPTextConfig, CLIPTextModel, load_tokenizer,
-                                            tokenize)
+from storydiff_jax.models.clip_text import PRESETS, CLIPTextConfig, CLIPTextModel, load_tokenizer, tokenize
 from storydiff_jax.params import build_with_params
 
 SEQ = 77

@@ -36,7 +36,8 @@ from storydiff_jax import consistent as csa
 from storydiff_jax.models.unet import PRESETS
 
 diffusers = pytest.importorskip("diffusers")
-from reference_csa import CSAState, install_csa, tiny_sdxl_pair  # tests/ is on sys.path under pytest
+# After the importorskip on purpose: reference_csa imports diffusers (the module is skipped without it).
+from reference_csa import CSAState, install_csa, tiny_sdxl_pair  # noqa: E402  tests/ is on sys.path under pytest
 
 TOL = 1e-4          # torch parity
 TOL_JAX = 1e-5      # JAX-only equivalences

@@ -38,7 +38,8 @@ from convert.motion import convert_motion_module
 from convert.unet import convert_unet
 from storydiff_jax import checkpoints
 from storydiff_jax.models import ip_adapter as ip_lib
-from storydiff_jax.models.smp import PRESETS as SMP_PRESETS, smp_init_params
+from storydiff_jax.models.smp import PRESETS as SMP_PRESETS
+from storydiff_jax.models.smp import smp_init_params
 from storydiff_jax.models.unet import PRESETS as UNET_PRESETS
 from storydiff_jax.params import module_params
 from storydiff_jax.pipelines.video_components import load_video_components

@@ -10,10 +10,10 @@ Tolerance (fp32): max |ours - ref| <= 1e-4 * max(1, max |ref|).
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import jax.numpy as jnp
 from flax import nnx
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file as save_torch
@@ -21,8 +21,13 @@ from safetensors.torch import save_file as save_torch
 from convert.ip_adapter import convert_ip_adapter, cross_attention_layers, resampler_config_from_shapes
 from convert.unet import convert_unet
 from storydiff_jax.errors import CheckpointError
-from storydiff_jax.models.ip_adapter import (PRESETS as RESAMPLER_PRESETS, Resampler, ResamplerConfig,
-                                             unconditional_image_tokens, unconditional_pixels)
+from storydiff_jax.models.ip_adapter import PRESETS as RESAMPLER_PRESETS
+from storydiff_jax.models.ip_adapter import (
+    Resampler,
+    ResamplerConfig,
+    unconditional_image_tokens,
+    unconditional_pixels,
+)
 from storydiff_jax.models.unet import PRESETS, UNet2DConditionModel
 from storydiff_jax.nn.transformer import ImageContext
 from storydiff_jax.params import build_with_params
@@ -327,7 +332,8 @@ def test_error_layer_count(setup, tmp_path):
     (lambda f: f.update({"image_proj.extra.weight": np.zeros(3, np.float32)}), "image_proj: 1 unexpected keys"),
     (lambda f: f.update({"ip_adapter.1.to_q_lora.down.weight": np.zeros((4, 32), np.float32)}),
      "unexpected ip_adapter keys.*to_q_lora"),
-    (lambda f: f.pop("ip_adapter.3.to_v_ip.weight"), "1 ip_adapter weights missing \\(e.g. ip_adapter.3.to_v_ip.weight\\)"),
+    (lambda f: f.pop("ip_adapter.3.to_v_ip.weight"),
+     "1 ip_adapter weights missing \\(e.g. ip_adapter.3.to_v_ip.weight\\)"),
     (lambda f: f.update({"ip_adapter.3.to_k_ip.weight": np.zeros((64, 32), np.float32)}),
      "ip_adapter.3.to_k_ip.weight has shape \\(64, 32\\).*down_blocks.1.*needs \\(32, 32\\)"),
     (lambda f: f.update({"image_proj.layers.2.0.to_q.weight": np.zeros((64, 32), np.float32)}),

@@ -246,7 +246,8 @@ def test_from_dict_reads_real_configs_and_round_trips():
     # Missing keys take diffusers' defaults of the named class.
     assert SchedulerConfig.from_dict({"_class_name": "EulerDiscreteScheduler"}).timestep_spacing == "linspace"
     ddim_default = SchedulerConfig.from_dict({"_class_name": "DDIMScheduler"})
-    assert (ddim_default.beta_schedule, ddim_default.clip_sample, ddim_default.set_alpha_to_one) == ("linear", True, True)
+    assert ((ddim_default.beta_schedule, ddim_default.clip_sample, ddim_default.set_alpha_to_one)
+            == ("linear", True, True))
 
 
 @pytest.mark.parametrize(

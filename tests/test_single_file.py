@@ -27,9 +27,9 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from convert import single_file as sf
-from storydiff_jax.tokenizer_files import VOCAB_SIZE, bytes_to_unicode, build_vocab, load_merges
 from convert.state_dict import convert_tensors
 from storydiff_jax.errors import CheckpointError, ConfigError
+from storydiff_jax.tokenizer_files import VOCAB_SIZE, build_vocab, bytes_to_unicode, load_merges
 
 # ------------------------------------------------------------------------------------------------
 # Tiny models (consistent like the real ones: SDXL context = CLIP width 16 + bigG width 24, its pooled
@@ -43,7 +43,8 @@ UNET_SDXL = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=
                  norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
                  addition_time_embed_dim=4, projection_class_embeddings_input_dim=20 + 6 * 4)
 UNET_SD15 = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 16, 32, 32),
-                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                   "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                  attention_head_dim=4, cross_attention_dim=16, norm_num_groups=8)
 VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,

@@ -23,8 +23,7 @@ from safetensors.torch import save_file
 from convert.safetensors_io import iter_tensors
 from convert.state_dict import convert_tensors, renamed
 from storydiff_jax.errors import ConfigError
-from storydiff_jax.models.smp import (PRESETS, SemanticMotionPredictor, SMPConfig, interpolate_tokens,
-                                      smp_init_params)
+from storydiff_jax.models.smp import PRESETS, SemanticMotionPredictor, SMPConfig, interpolate_tokens, smp_init_params
 from storydiff_jax.params import abstract_params, build_with_params
 
 TOL = 1e-4
@@ -161,7 +160,8 @@ def test_training_init_is_plain_interpolation():
     assert all(not params[k].any() for k in params if k.startswith("proj_out."))
     k = params["layers.0.linear1.kernel"]
     assert abs(float(k.std()) - 0.02) < 0.005 and params["layers.1.norm2.scale"].min() == 1.0
-    assert not np.array_equal(params["frame_embedding.embedding"], smp_init_params(CFG, seed=1)["frame_embedding.embedding"])
+    assert not np.array_equal(params["frame_embedding.embedding"],
+                              smp_init_params(CFG, seed=1)["frame_embedding.embedding"])
     model = build(CFG, params)
     start, end = tokens((2, CFG.num_tokens, CFG.token_dim), 9), tokens((2, CFG.num_tokens, CFG.token_dim), 10)
     out = np.asarray(model(jnp.asarray(start), jnp.asarray(end), 9))

@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from story_samples import STORY
 from conftest import xla_flags
+from story_samples import STORY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--steps", "3", "--height", "64", "--width", "64", "--quiet"]

@@ -44,7 +44,8 @@ def test_replacement_and_spaces():
     assert p.characters == ("Lena",) and not p.no_character
     assert (p.index, p.line) == (0, 4)
     assert story.panels[1].caption is None
-    assert parse_story("[A] tall   man\n\nthe [A]   , waving\n", id_length=1).panels[0].prompt == "the tall man , waving"
+    assert (parse_story("[A] tall   man\n\nthe [A]   , waving\n", id_length=1).panels[0].prompt
+            == "the tall man , waving")
 
 
 def test_multi_character_and_nc_panels():

@@ -139,7 +139,8 @@ def test_character_classes_match_transformers(pairs):
                 cps.add(ord(spec[i]))
                 i += 1
     chars = [chr(c) for c in sorted(cps) if not 0xD800 <= c < 0xE000]
-    texts = [" ".join(f"a{c}a !{c}! 1{c}1 {c.upper()}{c}" for c in chars[i:i + 200]) for i in range(0, len(chars), 200)]
+    texts = [" ".join(f"a{c}a !{c}! 1{c}1 {c.upper()}{c}" for c in chars[i:i + 200])
+             for i in range(0, len(chars), 200)]
     want = ref(texts, add_special_tokens=False).input_ids
     bad = [t[:60] for t, w in zip(texts, want) if ours.encode(t) != w]
     assert not bad, bad[:3]

@@ -52,7 +52,8 @@ def write_clips(folder, n=CLIPS, frames=4, size=64):
     for i in range(n):
         base = rng.integers(0, 256, (size, size, 3), np.uint8)
         speed = 4 * (1 + i % 3)
-        clips.append({"id": f"clip-{i:03d}", "frames": np.stack([np.roll(base, k * speed, axis=1) for k in range(frames)]),
+        clips.append({"id": f"clip-{i:03d}",
+                      "frames": np.stack([np.roll(base, k * speed, axis=1) for k in range(frames)]),
                       "caption": f"a texture sliding right, speed {speed}"})
     return write_clip_folder(str(folder), clips)
 

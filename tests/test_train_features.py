@@ -121,13 +121,12 @@ def test_cached_step_equals_raw_step(setup):
 def test_features_run_trains_and_resumes(setup, capsys):
     """4 steps, checkpoints every 2; then the newest checkpoint is removed (as if killed after step 2's
     save) and the same command resumes at step 2 and reaches the same params at step 4."""
+    from storydiff_jax.models.clip_text import load_tokenizer
+    from storydiff_jax.pipelines.components import preset_tokenizer_dir
     from train.__main__ import main
     from train.data import make_loader, open_source
     from train.loop import read_example_log, read_state
     from train.step import flatten
-
-    from storydiff_jax.models.clip_text import load_tokenizer
-    from storydiff_jax.pipelines.components import preset_tokenizer_dir
 
     work = setup["root"] / "run"
     args = _smp_args(setup["data"], setup["cache"], work)

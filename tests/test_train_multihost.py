@@ -179,7 +179,8 @@ def test_two_hosts_agree_with_one_process(run):
     assert sorted(host_losses) == list(range(1, last + 1))
     ref_losses = run["ref_losses"]
     worst = max(abs(host_losses[s] - ref_losses[s]) for s in host_losses)
-    print("losses, two hosts vs one process:", [(s, host_losses[s], round(ref_losses[s], 5)) for s in sorted(host_losses)])
+    print("losses, two hosts vs one process:",
+          [(s, host_losses[s], round(ref_losses[s], 5)) for s in sorted(host_losses)])
     assert worst <= 1e-5   # the printed losses have 5 decimals
 
     a, b = _restore_params(run["ref"], last), _restore_params(run["work"], last)
@@ -199,8 +200,8 @@ def test_distributed_option_errors(tmp_path):
              (["--process-id", "1"], "--coordinator / --num-processes / --process-id need --distributed")]
     for extra, message in cases:
         proc = subprocess.run([sys.executable, "-m", "train", "smp", "--data-dir", str(tmp_path / "clips"),
-                               "--workdir", str(tmp_path / "w"), *extra], cwd=ROOT, env=cpu_env(1), capture_output=True,
-                              text=True, timeout=300)
+                               "--workdir", str(tmp_path / "w"), *extra], cwd=ROOT, env=cpu_env(1),
+                              capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr[-2000:]
     assert os.listdir(tmp_path) == []
 

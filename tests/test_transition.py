@@ -12,12 +12,12 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import cpu_env
 
 from storydiff_jax.errors import ConfigError
 from storydiff_jax.models.smp import interpolate_tokens
 from storydiff_jax.pipelines.transition import TransitionOptions, TransitionPipeline, fit_image
 from storydiff_jax.pipelines.video_components import PRESETS
-from conftest import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = TransitionOptions(frames=4, steps=2, height=64, width=64, smp="predict")

@@ -103,8 +103,8 @@ def _errors(root, a, b):
     }
 
 
-CASES = ["missing-image", "unreadable-image", "too-few-frames", "too-many-frames", "zero-frames", "bad-size", "no-frames",
-         "story-without-manifest", "story-one-panel"]
+CASES = ["missing-image", "unreadable-image", "too-few-frames", "too-many-frames", "zero-frames", "bad-size",
+         "no-frames", "story-without-manifest", "story-one-panel"]
 
 
 @pytest.mark.parametrize("case", CASES)

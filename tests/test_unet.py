@@ -7,11 +7,11 @@ projections). Tolerance (fp32): max |ours - ref| <= 1e-4 * max(1, max |ref|).
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
-import jax.numpy as jnp
 
 from convert.unet import convert_unet
 from storydiff_jax.models.unet import PRESETS, FreeU, UNet2DConditionModel, UNetConfig

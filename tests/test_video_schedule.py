@@ -119,7 +119,8 @@ def test_training_add_noise_matches_ddpm():
     rng = np.random.default_rng(1)
     x0, noise = rng.standard_normal(SHAPE).astype(np.float32), rng.standard_normal(SHAPE).astype(np.float32)
     t = np.array([999, 17], np.int64)
-    ref = DDPMScheduler(**TRAINING_KWARGS).add_noise(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t))
+    ref = DDPMScheduler(**TRAINING_KWARGS).add_noise(torch.from_numpy(x0), torch.from_numpy(noise),
+                                                     torch.from_numpy(t))
     config = SchedulerConfig.from_dict({"_class_name": "DDPMScheduler", **TRAINING_KWARGS})
     assert (config.beta_schedule, config.beta_start, config.beta_end) == ("linear", 0.00085, 0.012)
     ours = np.asarray(jax.jit(lambda a, b, t: add_noise(config, a, b, t))(x0, noise, t))

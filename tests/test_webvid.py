@@ -117,7 +117,7 @@ def test_build_counts_and_names_the_skipped(built, capsys):
     out = capsys.readouterr().out
     assert "built 4 of 8 videos" in out
     for vid, reason in EXPECT_SKIPPED - {("1001", "duplicate")}:
-        line = next(l for l in out.splitlines() if f" {vid}: " in l)
+        line = next(text for text in out.splitlines() if f" {vid}: " in text)
         assert f"{vid}.mp4" in line, line
         assert f"skipped, {reason}" in out
 

@@ -102,7 +102,8 @@ def _features_parser(sub):
                                    "posterior's mean and log-variance of every frame, the CLIP penultimate states of "
                                    "the first and last frames, the caption's text states (plus the zero image's and "
                                    "the empty caption's). `smp --features OUT` then trains on them; it checks that "
-                                   "frames, resolution, dtype, model and dataset match. OUT appears only when complete.")
+                                   "frames, resolution, dtype, model and dataset match. OUT appears only when "
+                                   "complete.")
     p.add_argument("--data-dir", required=True, help="clip folder or WebVid build")
     p.add_argument("--out", required=True, metavar="CACHE_DIR")
     _model_args(p)

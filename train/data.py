@@ -21,7 +21,8 @@ import json
 import os
 import re
 import threading
-from typing import Iterable, Mapping, Protocol, runtime_checkable
+from collections.abc import Iterable, Mapping
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 

@@ -118,7 +118,8 @@ def write_features(cfg: TrainConfig, out: str, *, overwrite: bool = False, progr
     """Compute the cache of `cfg.data_dir` for `cfg` (model, frames, resolution, dtype; batch_size clips per
     jitted call, sharded over this process's devices) into `out`, all or nothing. Returns the manifest."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from storydiff_jax.outputs import staged_folder
     from storydiff_jax.pipelines.video_components import load_video_components, load_video_config
@@ -226,7 +227,8 @@ class FeatureCache:
         for k, a in self.arrays.items():
             if list(a.shape) != manifest["arrays"][k]["shape"] or len(a) != len(self.ids):
                 raise ConfigError(f"--features {folder}: {k}.npy has shape {list(a.shape)}, the manifest says "
-                                  f"{manifest['arrays'][k]['shape']}; rebuild it with `python -m train cache-features`")
+                                  f"{manifest['arrays'][k]['shape']}; rebuild it with "
+                                  "`python -m train cache-features`")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -254,9 +256,9 @@ class FeatureCache:
                               f"this run has --dtype {cfg.dtype}; {fix}")
         mine, theirs = dataset_identity(source), m["dataset"]
         if (mine["clips"], mine["ids_hash"]) != (theirs["clips"], theirs["ids_hash"]):
-            raise ConfigError(f"--features {self.folder}: cached features are of {theirs['data_dir']} ({theirs['clips']} "
-                              f"clips, ids {theirs['ids_hash']}), --data-dir {cfg.data_dir} has {mine['clips']} "
-                              f"clips (ids {mine['ids_hash']}); {fix}")
+            raise ConfigError(f"--features {self.folder}: cached features are of {theirs['data_dir']} "
+                              f"({theirs['clips']} clips, ids {theirs['ids_hash']}), --data-dir {cfg.data_dir} "
+                              f"has {mine['clips']} clips (ids {mine['ids_hash']}); {fix}")
 
     def check_model(self, cfg: TrainConfig, components) -> None:
         theirs, mine = self.manifest["model"], model_fingerprint(components)

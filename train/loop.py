@@ -193,7 +193,8 @@ class ExampleLog:
 
 def read_example_log(path: str) -> list[tuple[int, list[str]]]:
     with open(path) as f:
-        return [(int(s), ids.split(",")) for s, ids in (line.rstrip("\n").split("\t", 1) for line in f if line.strip())]
+        return [(int(s), ids.split(","))
+                for s, ids in (line.rstrip("\n").split("\t", 1) for line in f if line.strip())]
 
 
 def checkpoint_manager(workdir: str, cfg: TrainConfig, *, read_only: bool = False):
@@ -299,14 +300,23 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, e
     import grain
     import jax
     import orbax.checkpoint as ocp
-
     from jax.sharding import NamedSharding, PartitionSpec
 
     from storydiff_jax.pipelines.video_components import PRESETS, load_video_components, load_video_config
 
     from .data import make_loader, open_source
     from .features import open_features
-    from .step import Trainer, check_batch, check_settings, global_batch, learning_rate, make_mesh, parse_mesh, put, split_params
+    from .step import (
+        Trainer,
+        check_batch,
+        check_settings,
+        global_batch,
+        learning_rate,
+        make_mesh,
+        parse_mesh,
+        put,
+        split_params,
+    )
 
     timings = {}
     t0 = time.perf_counter()
@@ -439,5 +449,6 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, e
             manager.close()
     if stopped:
         log(f"SIGTERM: saved step {step} in {workdir}; run the same command to resume")
-    return {"step": step, "preempted": stopped, "metrics": last, "history": history, "flops_per_step_per_device": meter.flops_per_device,
-            "device_kind": device.device_kind, "timings": timings}
+    return {"step": step, "preempted": stopped, "metrics": last, "history": history,
+            "flops_per_step_per_device": meter.flops_per_device, "device_kind": device.device_kind,
+            "timings": timings}

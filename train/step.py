@@ -25,17 +25,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from storydiff_jax.checkpoints import nest   # {"a.b": x} -> {"a": {"b": x}}
+from storydiff_jax.checkpoints import nest  # {"a.b": x} -> {"a": {"b": x}}
 from storydiff_jax.errors import ConfigError
 from storydiff_jax.images import CLIP_MEAN, CLIP_STD
 from storydiff_jax.models.clip_text import tokenize
@@ -108,8 +110,9 @@ def check_settings(cfg: TrainConfig, config: VideoPipelineConfig) -> None:
         raise ConfigError(f"--frames {cfg.frames} exceeds this model's limit of {limit} (motion-module / SMP "
                           f"positional tables); use --frames {limit} or fewer")
     if cfg.resolution % config.latent_stride:
+        suggested = max(config.latent_stride, cfg.resolution // config.latent_stride * config.latent_stride)
         raise ConfigError(f"--resolution {cfg.resolution} is not a multiple of {config.latent_stride} (VAE x U-Net "
-                          f"downscale); use e.g. {max(config.latent_stride, cfg.resolution // config.latent_stride * config.latent_stride)}")
+                          f"downscale); use e.g. {suggested}")
 
 
 def all_values(model: nnx.Module) -> dict[str, jax.Array]:
@@ -257,8 +260,8 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 def vae_pixels(frames: jax.Array) -> jax.Array:
     """uint8 [B, L, R, R, 3] -> VAE input [B * L, R, R, 3] in [-1, 1]."""
-    b, l, h, w, c = frames.shape
-    return frames.reshape(b * l, h, w, c).astype(jnp.float32) / 127.5 - 1.0
+    b, n_frames, h, w, c = frames.shape
+    return frames.reshape(b * n_frames, h, w, c).astype(jnp.float32) / 127.5 - 1.0
 
 
 def clip_pixels(frames: jax.Array, size: int) -> jax.Array:
@@ -286,7 +289,7 @@ class Trainer:
     programs: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def build(cls, cfg: TrainConfig, config: VideoPipelineConfig, tokenizer) -> "Trainer":
+    def build(cls, cfg: TrainConfig, config: VideoPipelineConfig, tokenizer) -> Trainer:
         """The run's trainer; one per computation within a process, so that runs differing only in
         settings the program does not contain (schedule, steps, seed, data, checkpointing) reuse its
         compiled step instead of compiling (or loading from the persistent cache) again."""
@@ -297,7 +300,7 @@ class Trainer:
         return dataclasses.replace(trainer, cfg=cfg)
 
     @classmethod
-    def _build(cls, cfg: TrainConfig, config: VideoPipelineConfig, tokenizer) -> "Trainer":
+    def _build(cls, cfg: TrainConfig, config: VideoPipelineConfig, tokenizer) -> Trainer:
         compute = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
         check_settings(cfg, config)
         asm = {}
@@ -339,10 +342,10 @@ class Trainer:
         """Frozen encoders: latents [B, L, h, w, C], CLIP features of the ends (+ zero image), text tokens."""
         m = self.encoders(frozen)
         frames = batch["frames"]                                          # uint8 [B, L, R, R, 3]
-        b, l = frames.shape[0], frames.shape[1]
+        b, n_frames = frames.shape[0], frames.shape[1]
         k_vae, k_text = jax.random.split(key)
         latents = m["vae"].encode_latents(vae_pixels(frames), key=k_vae).astype(jnp.float32)
-        latents = latents.reshape(b, l, *latents.shape[1:])
+        latents = latents.reshape(b, n_frames, *latents.shape[1:])
         size = self.config.image_encoder.image_size
         pixels = jnp.concatenate([self.end_pixels(frames), jnp.zeros((1, size, size, 3), jnp.float32)])
         feats = m["image_encoder"](pixels).penultimate
@@ -360,11 +363,11 @@ class Trainer:
         still draws a fresh latent with its own key (`cached_conditioning`)."""
         m = self.encoders(frozen)
         frames = batch["frames"]
-        b, l = frames.shape[0], frames.shape[1]
+        b, n_frames = frames.shape[0], frames.shape[1]
         mean, logvar = m["vae"].encode(vae_pixels(frames))
         feats = m["image_encoder"](self.end_pixels(frames)).penultimate   # [2B, T, D]: starts, then ends
-        return {"latent_mean": mean.reshape(b, l, *mean.shape[1:]),
-                "latent_logvar": logvar.reshape(b, l, *logvar.shape[1:]),
+        return {"latent_mean": mean.reshape(b, n_frames, *mean.shape[1:]),
+                "latent_logvar": logvar.reshape(b, n_frames, *logvar.shape[1:]),
                 "image_feats": jnp.stack([feats[:b], feats[b:]], axis=1),  # [B, 2, T, D]
                 "text_states": m["text_encoder"](batch["input_ids"]).last_hidden_state}
 
@@ -382,11 +385,11 @@ class Trainer:
         dropout draws; the encoders are not in the program (frozen["features"] holds the constants)."""
         const = frozen["features"]
         mean, logvar = batch["latent_mean"], batch["latent_logvar"]      # [B, L, h, w, C]
-        b, l = mean.shape[:2]
+        b, n_frames = mean.shape[:2]
         k_vae, k_text = jax.random.split(key)
-        latents = posterior_latents(self.config.vae, mean.reshape(b * l, *mean.shape[2:]),
-                                    logvar.reshape(b * l, *logvar.shape[2:]), k_vae).astype(jnp.float32)
-        latents = latents.reshape(b, l, *latents.shape[1:])
+        latents = posterior_latents(self.config.vae, mean.reshape(b * n_frames, *mean.shape[2:]),
+                                    logvar.reshape(b * n_frames, *logvar.shape[2:]), k_vae).astype(jnp.float32)
+        latents = latents.reshape(b, n_frames, *latents.shape[1:])
         ends = batch["image_feats"]
         feats = jnp.concatenate([ends[:, 0], ends[:, 1], const["uncond_image"]])
         drop_text = jax.random.bernoulli(k_text, self.cfg.text_drop, (b,))
@@ -395,14 +398,14 @@ class Trainer:
 
     def loss(self, trainable: dict, frozen: dict, cond, key: jax.Array) -> jax.Array:
         latents, feats, ctx = cond
-        b, l = latents.shape[:2]
+        b, n_frames = latents.shape[:2]
         proj = self.assemblers["image_proj"].merge({**frozen["image_proj"], **flatten(trainable["image_proj"])})
         smp = self.assemblers["smp"].merge({**frozen["smp"], **flatten(trainable["smp"])})
         unet_frozen = frozen["unet"]
         unet_trained = flatten(trainable.get("unet", {}))
         tokens = proj(feats)                                              # [2B + 1, N, D]
         start, end, uncond = tokens[:b], tokens[b:2 * b], tokens[2 * b:]
-        per_frame = smp(start, end, l)                                    # [B, L, N, D]
+        per_frame = smp(start, end, n_frames)                             # [B, L, N, D]
         k_img, k_noise, k_t = jax.random.split(key, 3)
         drop_img = jax.random.bernoulli(k_img, self.cfg.image_drop, (b,))
         per_frame = jnp.where(drop_img[:, None, None, None], uncond[None].astype(per_frame.dtype), per_frame)

@@ -41,8 +41,8 @@ import re
 import shutil
 import string
 from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -286,7 +286,8 @@ def builder_class():
         # tfds.features.Video, which needs TensorFlow); ours is only ever used through this class.
         name = NAME
         VERSION = tfds.core.Version(BUILD_VERSION)
-        RELEASE_NOTES = {BUILD_VERSION: "L frames at stride S from the middle of each video, R x R, zlib uint8 tensor."}
+        RELEASE_NOTES = {BUILD_VERSION: "L frames at stride S from the middle of each video, R x R, "
+                                        "zlib uint8 tensor."}
         BUILDER_CONFIGS = [WebVidConfig(name=config_name(16, 256, 4), description="AnimateDiff's setting")]
         MANUAL_DOWNLOAD_INSTRUCTIONS = (
             "Put WebVid's CSVs (results_*_train.csv, results_*_val.csv) in the manual dir and the videos under it "

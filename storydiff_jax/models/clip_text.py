@@ -13,8 +13,9 @@ at the end-of-text token (projected for bigG: SDXL's `text_embeds`). One call re
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +74,7 @@ class CLIPTextConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CLIPTextConfig":
+    def from_dict(cls, d: dict[str, Any]) -> CLIPTextConfig:
         """Read a transformers CLIPTextConfig `config.json` dict; unknown keys are ignored.
 
         `with_projection` comes from the dict when present (our own `to_dict` output), else from

@@ -87,7 +87,7 @@ class CLIPVisionConfig:
         return self.grid ** 2 + 1
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CLIPVisionConfig":
+    def from_dict(cls, d: dict[str, Any]) -> CLIPVisionConfig:
         """Read a transformers CLIPVisionConfig dict (config.json of a CLIPVisionModelWithProjection folder).
 
         The vision fields may sit at the top level or under "vision_config" (a full CLIPModel config, whose

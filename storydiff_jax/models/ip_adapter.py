@@ -54,7 +54,7 @@ class ResamplerConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ResamplerConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ResamplerConfig:
         return config_from_fields(cls, d, "resampler", cast=int)
 
 

@@ -53,7 +53,7 @@ class MotionConfig:
                 raise ConfigError(f"motion config: {name} must be positive, got {getattr(self, name)}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MotionConfig":
+    def from_dict(cls, d: dict[str, Any]) -> MotionConfig:
         return config_from_fields(cls, d, "motion")
 
     def to_dict(self) -> dict[str, Any]:

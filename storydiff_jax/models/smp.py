@@ -79,7 +79,7 @@ class SMPConfig:
                               "pick heads dividing hidden (e.g. 16 for 1024)")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SMPConfig":
+    def from_dict(cls, d: dict[str, Any]) -> SMPConfig:
         """Our own `to_dict` output (a `config.json`)."""
         return config_from_fields(cls, d, "SMP")
 
@@ -164,7 +164,8 @@ class SemanticMotionPredictor(nnx.Module):
         interp = interpolate_tokens(start, end, num_frames)                     # [B, L, N, D]
         b, n = start.shape[0], cfg.num_tokens
         x = self.proj_in(interp.astype(self.dtype))
-        x = x + self.frame_embedding(jnp.arange(num_frames))[None, :, None] + self.token_embedding(jnp.arange(n))[None, None]
+        x = (x + self.frame_embedding(jnp.arange(num_frames))[None, :, None]
+             + self.token_embedding(jnp.arange(n))[None, None])
         # Every token attends to every token of every frame: motion is a relation between frames.
         x = x.reshape(b, num_frames * n, cfg.hidden)
         for layer in self.layers:

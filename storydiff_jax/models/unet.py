@@ -16,8 +16,9 @@ AnimateDiff puts them (diffusers' `UNetMotionModel` keeps the same names: `*.mot
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +86,7 @@ class UNetConfig:
         return self.projection_class_embeddings_input_dim - 6 * self.addition_time_embed_dim
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
+    def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
         """Read a diffusers `unet/config.json` dict; reject features this network does not implement."""
         levels = len(d.get("block_out_channels", cls.block_out_channels))
 

@@ -15,8 +15,9 @@ Every GroupNorm of the VAE uses eps 1e-6.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +72,7 @@ class VAEConfig:
             raise ConfigError(f"VAE config: layers_per_block={self.layers_per_block}; it must be at least 1")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "VAEConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> VAEConfig:
         """Read a diffusers AutoencoderKL `config.json` dict; keys we do not use are ignored."""
         act = d.get("act_fn", "silu")
         if act not in ("silu", "swish"):

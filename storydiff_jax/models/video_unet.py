@@ -38,11 +38,12 @@ class VideoUNetConfig:
                 "ip_adapter": self.ip_adapter}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VideoUNetConfig":
+    def from_dict(cls, d: dict[str, Any]) -> VideoUNetConfig:
         try:
             unet, motion = d["unet"], d["motion"]
         except KeyError as e:
-            raise ConfigError(f"video U-Net config: missing section {e.args[0]!r} (needs 'unet' and 'motion')") from None
+            raise ConfigError(f"video U-Net config: missing section {e.args[0]!r} "
+                              "(needs 'unet' and 'motion')") from None
         return cls(unet=UNetConfig.from_dict(unet), motion=MotionConfig.from_dict(motion),
                    ip_adapter=bool(d.get("ip_adapter", True)))
 

@@ -114,7 +114,8 @@ class Attention(nnx.Module):
         self.to_k = Linear(kv_dim, inner, use_bias=qkv_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.to_v = Linear(kv_dim, inner, use_bias=qkv_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
         # A list so parameter paths read `to_out.0.*` exactly like the PyTorch state dict.
-        self.to_out = nnx.List([Linear(inner, query_dim, use_bias=out_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)])
+        self.to_out = nnx.List([Linear(inner, query_dim, use_bias=out_bias, dtype=dtype, param_dtype=dtype,
+                                       rngs=rngs)])
 
     def split_heads(self, x: jax.Array) -> jax.Array:
         return x.reshape(*x.shape[:-1], self.heads, self.dim_head)

@@ -9,7 +9,7 @@ full SDXL). Signatures follow flax.nnx's layers so call sites read the same.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -12,7 +12,8 @@ from flax import nnx
 class GroupNorm(nnx.Module):
     """GroupNorm over the channel (last) axis of NHWC / NLC inputs, matching torch.nn.GroupNorm."""
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    def __init__(self, num_groups: int, num_channels: int, eps: float, *, dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
         if num_channels % num_groups:
             raise ValueError(f"GroupNorm: {num_channels} channels do not split into {num_groups} groups")
         self.num_groups = num_groups

@@ -6,8 +6,8 @@ how Consistent Self-Attention reaches the U-Net's layers without patching them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import jax
 import jax.numpy as jnp

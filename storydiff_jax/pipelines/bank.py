@@ -35,7 +35,7 @@ class CharacterBank:
 
     @classmethod
     def from_runs(cls, characters: dict[str, str], banks: list[tuple], valids: list[dict], meta: dict,
-                  layer_tokens: list[int], widths: list[int], dtype) -> "CharacterBank":
+                  layer_tokens: list[int], widths: list[int], dtype) -> CharacterBank:
         """Stack per-character write outputs (tuple over layers of [steps, 2, K, C]) along a chars axis."""
         steps = meta["steps"]
         if banks:
@@ -50,7 +50,7 @@ class CharacterBank:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tokens)
 
-    def placed(self, sharding) -> "CharacterBank":
+    def placed(self, sharding) -> CharacterBank:
         """The same bank with its token arrays moved to `sharding` (device or host memory)."""
         tokens = [jax.device_put(t, sharding) for t in self.tokens]
         return CharacterBank(self.characters, tokens, self.valid, self.meta, self.layer_tokens)
@@ -61,7 +61,7 @@ class CharacterBank:
                 raise ConfigError(f"the loaded bank was made with {key}={self.meta.get(key)!r}, this run uses "
                                   f"{meta.get(key)!r}; use the same {key} as when the bank was saved")
 
-    def merged(self, other: "CharacterBank") -> "CharacterBank":
+    def merged(self, other: CharacterBank) -> CharacterBank:
         """This bank's characters followed by `other`'s (capacities padded to the larger one)."""
         if not other.characters:
             return self
@@ -70,13 +70,17 @@ class CharacterBank:
         tokens = []
         for a, b in zip(self.tokens, other.tokens):
             k = max(a.shape[3], b.shape[3])
-            pad = lambda t: jnp.pad(jnp.asarray(t), [(0, 0)] * 3 + [(0, k - t.shape[3]), (0, 0)])
+
+            def pad(t, k=k):
+                return jnp.pad(jnp.asarray(t), [(0, 0)] * 3 + [(0, k - t.shape[3]), (0, 0)])
             tokens.append(jnp.concatenate([pad(a), pad(b)], axis=1))
         valid = {}
         for L in self.valid:
             a, b = self.valid[L], other.valid[L]
             k = max(a.shape[2], b.shape[2])
-            pad = lambda t: np.pad(t, [(0, 0), (0, 0), (0, k - t.shape[2])])
+
+            def pad(t, k=k):
+                return np.pad(t, [(0, 0), (0, 0), (0, k - t.shape[2])])
             valid[L] = np.concatenate([pad(a), pad(b)], axis=1)
         return CharacterBank({**self.characters, **other.characters}, tokens, valid, self.meta, self.layer_tokens)
 
@@ -104,7 +108,7 @@ class CharacterBank:
             raise
 
     @classmethod
-    def load(cls, path: str) -> "CharacterBank":
+    def load(cls, path: str) -> CharacterBank:
         try:
             data = np.load(path)
             header = json.loads(bytes(data["header"]).decode())

@@ -19,7 +19,9 @@ from flax import nnx
 
 from .. import checkpoints
 from ..errors import CheckpointError, ConfigError
-from ..models import clip_text, unet as unet_lib, vae as vae_lib
+from ..models import clip_text
+from ..models import unet as unet_lib
+from ..models import vae as vae_lib
 from ..models.clip_text import CLIPTextConfig, CLIPTextModel
 from ..models.unet import UNet2DConditionModel, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
@@ -184,8 +186,9 @@ def load_components(source: str, *, dtype=jnp.float32, seed: int = 0) -> Compone
     for name in config.components:
         params = checkpoints.load_params(os.path.join(source, name, "params"))
         cfg, dt = config.component_config(name), component_dtype(config, name, dtype)
-        models[name] = build_with_params(lambda: _BUILDERS[name](cfg, dtype=dt, rngs=nnx.Rngs(0)), params,
-                                         dtype=dt, what=f"{source}/{name}")
+        models[name] = build_with_params(
+            lambda name=name, cfg=cfg, dt=dt: _BUILDERS[name](cfg, dtype=dt, rngs=nnx.Rngs(0)),
+            params, dtype=dt, what=f"{source}/{name}")
     tok = clip_text.load_tokenizer(os.path.join(source, "tokenizer"))
     tok2 = clip_text.load_tokenizer(os.path.join(source, "tokenizer_2")) if config.text_encoder_2 else None
     return Components(config, models["unet"], models["vae"], models["text_encoder"], models.get("text_encoder_2"),

@@ -7,7 +7,7 @@ set (a UI's progress widget); it sees the same ticks.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 

@@ -114,7 +114,7 @@ class StoryPipeline:
         self._programs: dict = {}
 
     @classmethod
-    def from_pretrained(cls, source: str, *, dtype=jnp.float32, seed: int = 0, devices=None) -> "StoryPipeline":
+    def from_pretrained(cls, source: str, *, dtype=jnp.float32, seed: int = 0, devices=None) -> StoryPipeline:
         """A converted folder (`python -m convert pipeline`) or a preset name (`tiny-sdxl`, ...)."""
         return cls(load_components(source, dtype=dtype, seed=seed), devices=devices)
 
@@ -268,8 +268,8 @@ class StoryPipeline:
                 raise ConfigError(f"{name} {v} is not a positive multiple of 32; use e.g. "
                                   f"{max(32, round(v / 32) * 32)}")
 
-    def __call__(self, story: str | Story, options: StoryOptions = StoryOptions(), *, bank: CharacterBank | None = None,
-                 progress: bool = True, log=lambda msg: None) -> StoryResult:
+    def __call__(self, story: str | Story, options: StoryOptions = StoryOptions(), *,
+                 bank: CharacterBank | None = None, progress: bool = True, log=lambda msg: None) -> StoryResult:
         o = options
         self.check_size(o.height, o.width)
         known = set(bank.characters) if bank is not None else set()
@@ -303,8 +303,8 @@ class StoryPipeline:
         settings = o.csa()
         if o.mode == "bank":
             chars = list(story.id_panels)  # characters to write (not in a loaded bank)
-            schedules = csa.draw_write_schedules(o.seed, len(chars), id_len, o.steps, layer_tokens, (o.height, o.width),
-                                                 settings)
+            schedules = csa.draw_write_schedules(o.seed, len(chars), id_len, o.steps, layer_tokens,
+                                                 (o.height, o.width), settings)
             t0 = time.perf_counter()
             banks, valids = [], []
             write = self._program(("write", sampler, tuple(layer_tokens), freeu),
@@ -370,7 +370,8 @@ class StoryPipeline:
         batch = -(-(o.read_batch or 4) // self.n_devices) * self.n_devices
         read = self._program(("read", sampler, tuple(layer_tokens), freeu, o.bank_offload),
                              lambda: self._read_program(sampler, layer_tokens, freeu, o.bank_offload))
-        tokens, valid = bank.placed(host_memory(self.mesh) if o.bank_offload else replicated(self.mesh)).device_arrays()
+        placement = host_memory(self.mesh) if o.bank_offload else replicated(self.mesh)
+        tokens, valid = bank.placed(placement).device_arrays()
         Progress.start(progress, o.steps * -(-len(todo) // batch), "read")
         for start in range(0, len(todo), batch):
             chunk = todo[start:start + batch]

@@ -121,7 +121,7 @@ class TransitionPipeline:
 
     @classmethod
     def from_pretrained(cls, source: str, *, dtype=jnp.float32, seed: int = 0, devices=None,
-                        motion_norm: str | None = None) -> "TransitionPipeline":
+                        motion_norm: str | None = None) -> TransitionPipeline:
         """A folder from `python -m convert video`, or a preset (`tiny-video`, `video`).
 
         motion_norm: `per-frame` (default of converted folders: original AnimateDiff) or `across-frames`
@@ -215,7 +215,8 @@ class TransitionPipeline:
 
     def _frame_sharding(self, frames: int):
         """Frames over `data` when they divide evenly (motion modules then exchange across devices)."""
-        from jax.sharding import NamedSharding, PartitionSpec as P
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
 
         if self.n_devices > 1 and frames % self.n_devices == 0:
             return NamedSharding(self.mesh, P(None, "data"))

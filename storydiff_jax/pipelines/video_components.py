@@ -21,7 +21,9 @@ from flax import nnx
 
 from .. import checkpoints
 from ..errors import CheckpointError, ConfigError
-from ..models import clip_text, clip_vision, ip_adapter, smp as smp_lib, video_unet, vae as vae_lib
+from ..models import clip_text, clip_vision, ip_adapter, video_unet
+from ..models import smp as smp_lib
+from ..models import vae as vae_lib
 from ..models.clip_text import CLIPTextConfig, CLIPTextModel
 from ..models.clip_vision import CLIPVisionConfig, CLIPVisionModel
 from ..models.ip_adapter import Resampler, ResamplerConfig
@@ -30,7 +32,7 @@ from ..models.vae import AutoencoderKL, VAEConfig
 from ..models.video_unet import VideoUNet, VideoUNetConfig
 from ..params import abstract_params, build_with_params
 from ..schedulers import SchedulerConfig
-from .components import preset_tokenizer_dir, component_dtype, random_params
+from .components import component_dtype, preset_tokenizer_dir, random_params
 
 ARCH = "sd15-video"
 # Order of the components in a converted folder; `smp` is optional.

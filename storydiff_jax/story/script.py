@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from storydiff_jax.errors import ConfigError, StoryError
 
