@@ -35,6 +35,7 @@ browser:
 	  else echo "chromium/chromium-driver missing and not root: the browser test will skip"; fi; fi
 
 test: venv browser
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 clean:
