@@ -196,11 +196,11 @@ def group_pairs(path: str, state: Mapping[str, np.ndarray]) -> dict[str, dict[st
 # The model's side: every weight under each of its names
 
 
-def _unet_sgm_names(module: str, unet_config: Mapping) -> list[str]:
+def _unet_sgm_names(module: str, ldm_table: Mapping[str, tuple[str, str]]) -> list[str]:
     """SGM spellings of one diffusers U-Net module (`down_blocks.1.attentions.0.proj_in` ->
-    `input_blocks.4.1.proj_in`), from the config-built LDM table read backwards."""
+    `input_blocks.4.1.proj_in`), from the config-built LDM table (`unet_module_map`) read backwards."""
     names = []
-    for ldm, (diffusers, kind) in unet_module_map(unet_config).items():
+    for ldm, (diffusers, kind) in ldm_table.items():
         if kind == LEAF and module == diffusers:
             names.append(ldm)
         elif module.startswith(diffusers + "."):
@@ -221,6 +221,7 @@ def weight_table(kernels: Mapping[str, tuple[int, ...]], component: str,
     """
     table: dict[str, str] = {}
     clashes: set[str] = set()
+    ldm_table = unet_module_map(unet_config) if component == "unet" and unet_config is not None else None
 
     def add(name: str, param: str) -> None:
         if table.get(name, param) != param:
@@ -230,8 +231,8 @@ def weight_table(kernels: Mapping[str, tuple[int, ...]], component: str,
     for param in kernels:
         module = param.rsplit(".", 1)[0]
         names = [module]
-        if component == "unet" and unet_config is not None:
-            names += _unet_sgm_names(module, unet_config)
+        if ldm_table is not None:
+            names += _unet_sgm_names(module, ldm_table)
         for name in names:
             add(name, param)
             add(name.replace(".", "_"), param)

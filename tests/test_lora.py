@@ -108,14 +108,26 @@ def _hf_text(cfg):
     return _perturb(cls(transformers.CLIPTextConfig(**d)))
 
 
-def _ours(arch, name, model, preset):
-    """Our model from a torch one, through the converter."""
+_EXPECTED: dict = {}
+
+
+def _expected(name, preset):
+    """{path: shape} of our model (built abstractly once per component and architecture)."""
+    key = (preset.arch, name)
+    if key not in _EXPECTED:
+        _EXPECTED[key] = (expected_unet_params(preset.unet) if name == "unet"
+                          else te_expected(getattr(preset, name)))
+    return _EXPECTED[key]
+
+
+def _ours(name, model, preset):
+    """Our model and its flat params from a torch one, through the converter."""
     state = ((k, v.detach().numpy()) for k, v in model.state_dict().items())
     if name == "unet":
-        params = convert_tensors(state, expected_unet_params(preset.unet), what=name)
+        params = convert_tensors(state, _expected(name, preset), what=name)
         return build_with_params(lambda: UNet2DConditionModel(preset.unet, rngs=nnx.Rngs(0)), params), params
     cfg = getattr(preset, name)
-    params = convert_tensors(renamed(state, add_text_model_prefix), te_expected(cfg), what=name,
+    params = convert_tensors(renamed(state, add_text_model_prefix), _expected(name, preset), what=name,
                              ignore=("position_ids",))
     return build_with_params(lambda: CLIPTextModel(cfg, rngs=nnx.Rngs(0)), params), params
 
@@ -137,7 +149,7 @@ def models():
                                            "requires_safety_checker": False}
         pipe = pipe_cls(vae=None, tokenizer=None, scheduler=diffusers.DDIMScheduler(), **extra,
                         **({"tokenizer_2": None} if arch == "sdxl" else {}), **parts)
-        ours = {name: _ours(arch, name, m, preset)[0] for name, m in parts.items()}
+        ours = {name: _ours(name, m, preset)[0] for name, m in parts.items()}
         comps = Components(preset, ours["unet"], None, ours["text_encoder"], ours.get("text_encoder_2"), None, None,
                            f"test:{arch}")
         base = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in parts.items()}
@@ -225,7 +237,10 @@ def _diffusers_fused(m, path, scale):
 
 
 def _ours_params(m, name, part):
-    return _ours(None, name, part, m["preset"])[1]
+    state = ((k, v.detach().numpy()) for k, v in part.state_dict().items())
+    if name != "unet":
+        state = renamed(state, add_text_model_prefix)
+    return convert_tensors(state, _expected(name, m["preset"]), what=name, ignore=("position_ids",))
 
 
 @pytest.mark.parametrize("arch", ["sdxl", "sd15"])
