@@ -134,7 +134,7 @@ def convert_photomaker(src: str, dst: str, *, dtype: str = "float32", overwrite:
     """Convert a PhotoMaker file into the folder `dst` (written atomically). Returns the final path."""
     from safetensors.numpy import save_file
 
-    from storydiff_jax.lora import read_lora_state
+    from storydiff_jax.lora import group_pairs, read_lora_state
 
     np_dtype = numpy_dtype(dtype)
     parts = read_photomaker_file(src)
@@ -144,7 +144,8 @@ def convert_photomaker(src: str, dst: str, *, dtype: str = "float32", overwrite:
         writer.write_params("id_encoder", params)
         writer.write_json("id_encoder/config.json", config.to_dict())
         save_file(lora, writer.path(LORA_FILE))
-        read_lora_state(writer.path(LORA_FILE))  # the kept LoRA must be one we can merge: fail now, not at load
+        # The kept LoRA must be one we can merge: fail now (nothing written), not when it is first used.
+        group_pairs(f"{src} lora_weights", read_lora_state(writer.path(LORA_FILE)))
         out = writer.commit({"arch": ARCH, "components": ["id_encoder"], "photomaker_version": config.version,
                              "lora": LORA_FILE, "trigger_word": trigger_word, "dtype": dtype,
                              "source": os.path.abspath(src)})

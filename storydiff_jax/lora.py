@@ -24,7 +24,8 @@ each spelling (diffusers dotted, underscore-flattened, and the SGM spellings of 
 anything is merged: kinds we do not merge (LoHa, LoKr, DoRA, Tucker `lora_mid`, Control-LoRA), a LoRA made
 for the other architecture, and keys that name no weight are one-line errors, and nothing is loaded.
 
-Entry points: `read_lora(path)` (parse and check a file), `apply_loras(components, [(path, scale), ...])`
+Entry points: `read_lora(path, ...)` (parse and check a file against a model's weights),
+`apply_loras(components, [(path, scale), ...])`
 (a text-to-image model's parts with the LoRAs merged) and `merge_loras(params, ...)` underneath, on flat
 parameter dicts per component.
 """
@@ -141,15 +142,15 @@ def _check_kind(path: str, keys: Sequence[str]) -> None:
                               "LoCon, or merge it into the checkpoint with the tool that made it")
 
 
-def _component_and_name(key: str) -> tuple[str | None, str, bool]:
-    """(component or None, module name without the prefix, flattened?) of a LoRA module key."""
+def _component_and_name(key: str) -> tuple[str | None, str]:
+    """(component or None, module name without the prefix) of a LoRA module key."""
     for prefix, component in _FLAT_PREFIXES.items():
         if key.startswith(prefix):
-            return component, key[len(prefix):], True
+            return component, key[len(prefix):]
     for prefix, component in sorted(_DOTTED_PREFIXES.items(), key=lambda kv: -len(kv[0])):
         if key.startswith(prefix):
-            return component, key[len(prefix):], False
-    return None, key, "." not in key
+            return component, key[len(prefix):]
+    return None, key
 
 
 def group_pairs(path: str, state: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
@@ -165,7 +166,7 @@ def group_pairs(path: str, state: Mapping[str, np.ndarray]) -> dict[str, dict[st
     for key in keys:
         m = _PROCESSOR.match(key)
         if m:
-            component, _, _ = _component_and_name(key)
+            component, _ = _component_and_name(key)
             side = "unet" if component in (None, "unet") else "text"
             name = f"{m['attn']}.{_PROCESSOR_TARGETS[side][m['proj']]}"
             modules.setdefault(name, {})[m["end"]] = state[key]
@@ -259,7 +260,7 @@ def resolve(path: str, modules: Mapping[str, Mapping[str, np.ndarray]], kernels:
     other = guess is not None and guess != arch
     pairs, unmatched = [], []
     for key, parts in modules.items():
-        component, name, _ = _component_and_name(key)
+        component, name = _component_and_name(key)
         candidates = [component] if component else [c for c in ("unet",) if c in tables]
         hit = next(((c, tables[c][name]) for c in candidates if c in tables and name in tables[c]), None)
         if hit is None:

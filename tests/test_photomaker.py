@@ -290,3 +290,27 @@ def test_photos_and_face_embeddings(tmp_path):
     with pytest.raises(ConfigError, match="expected float"):
         idl.load_face_embeds(tmp_path / "ints.npy", 1)
     assert os.path.exists(tmp_path / "faces.npy")
+
+
+def test_kept_lora_merges_into_sdxl(work):
+    """The converted folder's LoRA (PhotoMaker's processor names) merges into an SDXL at load: W += up @ down."""
+    from storydiff_jax.lora import apply_loras
+    from storydiff_jax.params import module_params
+    from storydiff_jax.pipelines.components import load_components
+
+    pm = idl.PhotoMaker.load(str(work["folders"][1]))
+    base = load_components("tiny-sdxl")
+    merged = module_params(apply_loras(base, [(pm.lora_path, 1.0)]).unet)
+    before = module_params(base.unet)
+    changed = {k for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(merged[k]))}
+    assert len(changed) == 8
+    loras = work["loras"]
+    for key in loras:
+        if not key.endswith("down.weight"):
+            continue
+        attn, proj = key.removeprefix("unet.").split(".processor.")
+        proj = proj.split("_lora")[0]
+        param = f"{attn}.{'to_out.0' if proj == 'to_out' else proj}.kernel"
+        up = loras[key.replace("down.weight", "up.weight")].numpy()
+        want = np.asarray(before[param]) + (up @ loras[key].numpy()).T
+        _check_close(merged[param], want, param)
