@@ -314,3 +314,15 @@ def test_kept_lora_merges_into_sdxl(work):
         up = loras[key.replace("down.weight", "up.weight")].numpy()
         want = np.asarray(before[param]) + (up @ loras[key].numpy()).T
         _check_close(merged[param], want, param)
+
+
+def test_encoder_input_errors(work, text):
+    import dataclasses
+
+    pm2 = idl.PhotoMaker.load(str(work["folders"][2]))
+    encoder = idl.IdentityEncoder(text["components"], pm2)
+    with pytest.raises(ConfigError, match="--face-model DIR .*--face-embeds FILE.npy"):
+        encoder.identity_tokens(_pixels(1))
+    sd15 = dataclasses.replace(text["components"], text_encoder_2=None)
+    with pytest.raises(ConfigError, match="SDXL models only"):
+        idl.IdentityEncoder(sd15, pm2)
