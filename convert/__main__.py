@@ -3,6 +3,7 @@
     python -m convert pipeline --src PATH --dst DIR [--dtype float32|bfloat16|float16]
     python -m convert video --sd15 PATH --motion-module PATH --image-encoder PATH --ip-adapter PATH
                             [--smp DIR] --dst DIR [--dtype ...]
+    python -m convert photomaker --src photomaker-v1.bin|photomaker-v2.bin|FILE.safetensors --dst DIR
 
 PATH is a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/[, text_encoder_2/],
 tokenizer*/) or a single-file SD1.5/SDXL checkpoint (.safetensors with LDM/SGM key names, as civitai
@@ -34,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
                "  python -m convert video --sd15 ./stable-diffusion-v1-5 --motion-module ./mm_sd_v15_v2.ckpt \\\n"
                "      --image-encoder ./IP-Adapter/models/image_encoder --ip-adapter ./ip-adapter-plus_sd15.bin "
                "--dst ./video-jax\n"
+               "  python -m convert photomaker --src ./photomaker-v1.bin --dst ./photomaker-jax\n"
                "then: python -m infer.story --model ./sdxl-jax --story examples/lighthouse_keepers.txt --out out/\n"
                "      python -m infer.transition --model ./video-jax --start a.png --end b.png --out walk.mp4")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -71,6 +73,20 @@ def _parser() -> argparse.ArgumentParser:
                        help="single-file --sd15 only: a diffusers-layout folder of config.json files to use")
     video.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     video.add_argument("--no-progress", action="store_true", help="no progress bar")
+    photomaker = sub.add_parser(
+        "photomaker", help="a PhotoMaker v1/v2 file (ID encoder + its SDXL LoRA) for reference photos",
+        description="Convert a PhotoMaker file: the ID encoder becomes a converted folder, its LoRA is kept as "
+                    "lora_weights.safetensors beside it and merged into the SDXL it is used with, at load time.")
+    photomaker.add_argument("--src", required=True, metavar="FILE",
+                            help="photomaker-v1.bin / photomaker-v2.bin (pickled {id_encoder, lora_weights}, read "
+                                 "with weights_only) or a .safetensors with id_encoder. / lora_weights. keys")
+    photomaker.add_argument("--dst", required=True, help="output folder (must not exist unless --overwrite)")
+    photomaker.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                            help="dtype to store the ID encoder's floating parameters in (default: float32)")
+    photomaker.add_argument("--trigger-word", default="img", metavar="WORD",
+                            help="the word that follows a character's class word in prompts (default: img, the "
+                                 "word PhotoMaker was trained with)")
+    photomaker.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p
 
 
@@ -89,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
             convert_video(sd15=args.sd15, motion_module=args.motion_module, image_encoder=args.image_encoder,
                           ip_adapter=args.ip_adapter, smp=args.smp, dst=args.dst, dtype=args.dtype,
                           overwrite=args.overwrite, config_dir=args.config, progress=not args.no_progress)
+        elif args.command == "photomaker":
+            from .photomaker import convert_photomaker
+
+            convert_photomaker(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                               trigger_word=args.trigger_word)
 
     return run_command(work, interrupted="nothing was written")
 

@@ -14,22 +14,14 @@ import jax
 import numpy as np
 
 from storydiff_jax.errors import CheckpointError
+from storydiff_jax.params import from_torch_layout
 
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
 
 
 def _to_flax(key: str, arr: np.ndarray, target: str, want: tuple) -> np.ndarray:
     """Apply the layout change implied by the target leaf, then check the shape."""
-    leaf = target.rsplit(".", 1)[-1]
-    if leaf == "kernel":
-        if arr.ndim == 4 and len(want) == 4:
-            arr = arr.transpose(2, 3, 1, 0)          # OIHW -> HWIO
-        elif arr.ndim == 4 and len(want) == 2 and arr.shape[2:] == (1, 1):
-            arr = arr[:, :, 0, 0].T                  # 1x1 conv stored where we use a Linear
-        elif arr.ndim == 2 and len(want) == 4 and want[:2] == (1, 1):
-            arr = arr.T[None, None]                  # Linear stored where we use a 1x1 conv
-        elif arr.ndim == 2:
-            arr = arr.T                              # Linear: [out, in] -> [in, out]
+    arr = from_torch_layout(arr, target.rsplit(".", 1)[-1], want)
     if tuple(arr.shape) != tuple(want):
         raise CheckpointError(f"shape mismatch for {key}: expected {tuple(want)} (as {target}), got "
                               f"{tuple(arr.shape)}; the checkpoint does not match the config")

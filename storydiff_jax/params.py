@@ -24,6 +24,25 @@ def path_str(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
+def from_torch_layout(arr, leaf: str, want: tuple):
+    """A PyTorch weight `arr` in our layout for a parameter whose leaf is `leaf` and whose shape is `want`.
+
+    Kernels change layout (Conv OIHW -> HWIO, Linear [out, in] -> [in, out], and a 1x1 conv stored where we
+    use a Linear or the reverse, as SD's `proj_in`/`proj_out` differ between versions); other leaves keep it.
+    The caller checks the resulting shape. Works on numpy and jax arrays alike.
+    """
+    if leaf == "kernel":
+        if arr.ndim == 4 and len(want) == 4:
+            return arr.transpose(2, 3, 1, 0)          # OIHW -> HWIO
+        if arr.ndim == 4 and len(want) == 2 and arr.shape[2:] == (1, 1):
+            return arr[:, :, 0, 0].T                  # 1x1 conv stored where we use a Linear
+        if arr.ndim == 2 and len(want) == 4 and tuple(want[:2]) == (1, 1):
+            return arr.T[None, None]                  # Linear stored where we use a 1x1 conv
+        if arr.ndim == 2:
+            return arr.T                              # Linear: [out, in] -> [in, out]
+    return arr
+
+
 def abstract_params(build: Callable[[], nnx.Module]) -> dict[str, jax.ShapeDtypeStruct]:
     """{dotted path: shape/dtype} of every parameter the module `build()` would create, without allocating."""
     model = nnx.eval_shape(build)

@@ -102,7 +102,7 @@ class PerceiverAttention(nnx.Module):
         return self.to_out(out.reshape(b, q_len, self.heads * self.dim_head))
 
 
-def _feed_forward(dim: int, mult: int, dtype) -> nnx.List:
+def feed_forward(dim: int, mult: int, dtype) -> nnx.List:
     """LayerNorm, Linear(no bias), exact GELU, Linear(no bias) as a list, so the paths read
     `layers.N.1.{0,1,3}` like the reference nn.Sequential (slot 2 is the parameter-free GELU)."""
     return nnx.List([LayerNorm(dim, _LN_EPS, dtype=dtype),
@@ -110,7 +110,7 @@ def _feed_forward(dim: int, mult: int, dtype) -> nnx.List:
                      Linear(dim * mult, dim, use_bias=False, dtype=dtype, param_dtype=dtype)])
 
 
-def _apply_feed_forward(ff: nnx.List, x: jax.Array) -> jax.Array:
+def apply_feed_forward(ff: nnx.List, x: jax.Array) -> jax.Array:
     return ff[3](jax.nn.gelu(ff[1](ff[0](x)), approximate=False))
 
 
@@ -125,7 +125,7 @@ class Resampler(nnx.Module):
         # layers.N.0 = attention, layers.N.1 = feed-forward, exactly the original ModuleList pairs.
         self.layers = nnx.List([
             nnx.List([PerceiverAttention(c.hidden_dim, c.dim_head, c.heads, dtype=dtype),
-                      _feed_forward(c.hidden_dim, c.ffn_ratio, dtype)])
+                      feed_forward(c.hidden_dim, c.ffn_ratio, dtype)])
             for _ in range(c.depth)])
         self.proj_out = Linear(c.hidden_dim, c.output_dim, dtype=dtype, param_dtype=dtype)
         self.norm_out = LayerNorm(c.output_dim, _LN_EPS, dtype=dtype)
@@ -139,7 +139,7 @@ class Resampler(nnx.Module):
                                    (x.shape[0],) + tuple(self.latents.shape[1:]))
         for attn, ff in self.layers:
             latents = latents + attn(x, latents)
-            latents = latents + _apply_feed_forward(ff, latents)
+            latents = latents + apply_feed_forward(ff, latents)
         return self.norm_out(self.proj_out(latents))
 
 
