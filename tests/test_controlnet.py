@@ -3,70 +3,29 @@
 Tiny configs keep the real topologies (SD1.5: four levels, conv projections, 12 skips; SDXL: attention-
 free first level, text_time added embeddings, 9 skips). diffusers initialises the zero convs (and Union's
 `spatial_ch_projs`) to zero, which would make both sides output zeros: they are drawn at random here,
-every other weight perturbed. Each model is saved with `save_pretrained` and read back by our converter.
+every other weight perturbed (tests/controlnet_samples.py). Each model is saved with `save_pretrained`
+and read back by our converter.
 Tolerance (fp32): max |ours - ref| <= 1e-4 * max(1, max |ref|), for every residual.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
+from controlnet_samples import jitted, our_controlnet, our_unet, torch_controlnet, torch_unet
 
-from convert.controlnet import convert_controlnet_tensors, open_controlnet_source
 from storydiff_jax.errors import ConfigError
-from storydiff_jax.models.controlnet import PRESETS, ControlNetConfig, UnionConfig, controlnet_class
+from storydiff_jax.models.controlnet import PRESETS, ControlNetConfig, UnionConfig
 from storydiff_jax.models.unet import PRESETS as UNET_PRESETS
-from storydiff_jax.models.unet import ControlResiduals, UNet2DConditionModel
-from storydiff_jax.params import build_with_params
+from storydiff_jax.models.unet import ControlResiduals
 
 diffusers = pytest.importorskip("diffusers")
 TOL = 1e-4
-ZERO_INIT = ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out",
-             "spatial_ch_projs")
 PROMAX = ControlNetConfig(unet=UNET_PRESETS["tiny-sdxl"], conditioning_embedding_out_channels=(8, 8, 16, 16),
                           union=UnionConfig(num_control_type=8, num_trans_channel=32, num_trans_head=4,
                                             num_trans_layer=2, num_proj_channel=32))
-
-
-def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every weight perturbed; the zero-initialised layers drawn like a trained layer's (~ 1/sqrt(fan_in))."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.startswith(ZERO_INIT):
-                fan_in = p[0].numel() if p.ndim > 1 else p.numel()
-                p.copy_(torch.randn(p.shape, generator=gen) * fan_in ** -0.5)
-            else:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model.eval()
-
-
-def torch_controlnet(config: ControlNetConfig, folder, seed: int = 0):
-    """diffusers' ControlNetModel / ControlNetUnionModel for our config, randomised and saved to `folder`."""
-    d = config.to_dict()
-    cls = getattr(diffusers, d.pop("_class_name"))
-    torch.manual_seed(seed)
-    model = randomise(cls(**d), seed)
-    model.save_pretrained(folder)
-    return model
-
-
-def our_controlnet(folder):
-    source = open_controlnet_source(str(folder))
-    params = convert_controlnet_tensors(source.stream(), source.config)
-    cls = controlnet_class(source.config)
-    return source.config, build_with_params(lambda: cls(source.config, rngs=nnx.Rngs(0)), params)
-
-
-def jitted(model, fn):
-    """`fn(model, *args)` as one compiled program (eager dispatch compiles every op of a call apart: slower)."""
-    graph, state = nnx.split(model)
-    run = jax.jit(lambda state, *args: fn(nnx.merge(graph, state), *args))
-    return lambda *args: run(state, *args)
 
 
 def inputs(config: ControlNetConfig, batch: int, side: int = 16, seed: int = 1):
@@ -186,16 +145,9 @@ def test_union_attention_runs_across_the_batch(union):
 
 @pytest.mark.parametrize("preset", ["tiny-sd15", "tiny-sdxl"])
 def test_unet_adds_residuals_like_diffusers(tmp_path, preset):
-    from convert.unet import convert_unet
-
     config = UNET_PRESETS[preset]
-    d = config.to_dict()
-    d.pop("_class_name")
-    torch.manual_seed(0)
-    ref_model = randomise(diffusers.UNet2DConditionModel(**d))
-    ref_model.save_pretrained(tmp_path / "unet")
-    model = build_with_params(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(0)),
-                              convert_unet(str(tmp_path / "unet"), config))
+    ref_model = torch_unet(config, tmp_path / "unet")
+    model = our_unet(config, tmp_path / "unet")
     cn = PRESETS[preset]
     x, _, t, ctx, extra = inputs(cn, batch=2)
     rng = np.random.default_rng(4)
