@@ -56,8 +56,9 @@ class Source:
     """What a conversion reads: the ControlNet's config and a fresh stream of (diffusers key, array)."""
 
     def __init__(self, config: ControlNetConfig, stream: Callable[[], Iterator[tuple[str, np.ndarray]]], count: int,
-                 description: str):
+                 description: str, config_origin: str = "its config.json"):
         self.config, self.stream, self.count, self.description = config, stream, count, description
+        self.config_origin = config_origin        # where the config came from, for error hints
 
 
 def _read_pickle(path: Path) -> dict[str, np.ndarray]:
@@ -155,12 +156,14 @@ def open_controlnet_source(src: str, config_path: str | None = None) -> Source:
         d = _config_file(config_path) if config_path else read_json(CONFIG_ROOT / "sd15.json")
         config = _controlnet_config(d, str(path))
         rename = ldm_renamer(config)
-        return Source(config, stream_of(rename), len(keys), f"original ControlNet {path} (LDM names)")
+        return Source(config, stream_of(rename), len(keys), f"original ControlNet {path} (LDM names)",
+                      "read with the SD1.5 ControlNet config")
     if "controlnet_cond_embedding.conv_in.weight" in shapes:
         d = _config_file(config_path) if config_path else config_from_shapes(shapes, str(path))
         config = _controlnet_config(d, str(path))
         return Source(config, stream_of(rename_diffusers_key), len(keys),
-                      f"single-file ControlNet {path} ({config.arch}{', union' if config.union else ''})")
+                      f"single-file ControlNet {path} ({config.arch}{', union' if config.union else ''})",
+                      "read with a config derived from its shapes and SDXL's conventions")
     raise _not_a_controlnet(path, keys)
 
 
@@ -319,8 +322,12 @@ def convert_controlnet(src: str, dst: str, *, dtype: str = "float32", overwrite:
 
     with tqdm(total=source.count, unit="tensor", desc="convert controlnet", disable=not progress) as bar, \
             PipelineWriter(dst, overwrite=overwrite) as writer:
-        params = convert_controlnet_tensors(counted(source.stream(), bar), source.config, dtype=np_dtype,
-                                            what=f"ControlNet {src}")
+        try:
+            params = convert_controlnet_tensors(counted(source.stream(), bar), source.config, dtype=np_dtype,
+                                                what=f"ControlNet {src}")
+        except CheckpointError as e:
+            hint = "" if config else f" ({source.config_origin}; pass --config with its config.json if it differs)"
+            raise CheckpointError(f"{src}: {e}{hint}") from None
         writer.write_params("controlnet", params)
         writer.write_json("controlnet/config.json", source.config.to_dict())
         out = writer.commit({"kind": "controlnet", "arch": source.config.arch, "components": ["controlnet"],
