@@ -43,7 +43,7 @@ from ..nn.layers import Linear
 from ..nn.norms import LayerNorm
 from ..nn.resnet import conv
 from .unet import PRESETS as UNET_PRESETS
-from .unet import ControlResiduals, DownBlock, MidBlock, UNetConfig, time_conditioning
+from .unet import ControlResiduals, DownBlock, MidBlock, UNetConfig, build_input_layers, time_conditioning
 
 # xinsir's control types (model cards of controlnet-union-sdxl-1.0 and its ProMax variant): the index is
 # the `control_mode` a Union ControlNet takes for each of its images.
@@ -253,11 +253,7 @@ class ControlNetModel(nnx.Module):
         self.config = config
         cfg = config.unet
         ch = cfg.block_out_channels
-        self.dtype = dtype
-        self.conv_in = conv(cfg.in_channels, ch[0], dtype=dtype, rngs=rngs)
-        self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim, dtype=dtype, rngs=rngs)
-        self.add_embedding = (TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim,
-                                                dtype=dtype, rngs=rngs) if cfg.is_sdxl else None)
+        build_input_layers(self, cfg, dtype=dtype, rngs=rngs)
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             ch[0], config.conditioning_channels, config.conditioning_embedding_out_channels, dtype=dtype, rngs=rngs)
         self.down_blocks = nnx.List([

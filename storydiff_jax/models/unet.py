@@ -212,13 +212,23 @@ def _fourier_filter(x: jax.Array, scale: float, threshold: int = 1) -> jax.Array
     return out.astype(x.dtype)
 
 
+def build_input_layers(net: nnx.Module, cfg: UNetConfig, *, dtype, rngs: nnx.Rngs) -> None:
+    """Give `net` the U-Net's input layers: `conv_in`, `time_embedding`, SDXL's `add_embedding` (and `dtype`).
+    Shared by the U-Net and the ControlNet, which copies the U-Net's input half."""
+    ch = cfg.block_out_channels
+    net.dtype = dtype
+    net.conv_in = conv(cfg.in_channels, ch[0], dtype=dtype, rngs=rngs)
+    net.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim, dtype=dtype, rngs=rngs)
+    net.add_embedding = (TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim,
+                                           dtype=dtype, rngs=rngs) if cfg.is_sdxl else None)
+
+
 def time_conditioning(net: nnx.Module, cfg: UNetConfig, batch: int, timesteps, text_embeds=None,
                       time_ids=None) -> jax.Array:
     """The [batch, time_embed_dim] embedding every resnet receives: the timestep's sinusoidal embedding
     through `time_embedding`, plus, for SDXL, `add_embedding` of [pooled text, sinusoidal time ids].
 
-    `net` is a U-Net or a ControlNet (which copies the U-Net's input half, embeddings included): anything
-    with `dtype`, `time_embedding` and `add_embedding` attributes built for `cfg`.
+    `net` is a U-Net or a ControlNet: anything given its input layers by `build_input_layers(net, cfg)`.
     """
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
     t_emb = sinusoidal_embedding(timesteps, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
@@ -350,11 +360,7 @@ class UNet2DConditionModel(nnx.Module):
         cfg = self.config = config
         extensions = {"motion_module": motion_module, "ip_adapter": ip_adapter}
         ch = cfg.block_out_channels
-        self.dtype = dtype
-        self.conv_in = conv(cfg.in_channels, ch[0], dtype=dtype, rngs=rngs)
-        self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim, dtype=dtype, rngs=rngs)
-        self.add_embedding = (TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim,
-                                                dtype=dtype, rngs=rngs) if cfg.is_sdxl else None)
+        build_input_layers(self, cfg, dtype=dtype, rngs=rngs)
         downs = []
         for i, kind in enumerate(cfg.down_block_types):
             downs.append(DownBlock(cfg, i, ch[max(i - 1, 0)], ch[i], attention=kind.startswith("CrossAttn"),
