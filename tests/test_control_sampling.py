@@ -4,7 +4,8 @@ Same random weights (tiny U-Net and ControlNets built with diffusers' classes, r
 our converters), same scheduler config, initial latents, prompt embeddings and control images; a few
 steps with classifier-free guidance. Cases: SDXL (Euler) with two ControlNets (scales 0.7 / 1.2, windows
 [0, 0.6] and [0.3, 1]: each is off for some steps, where ours skips it); SD1.5 (DDIM) in guess mode with
-a [0, 0.75] window. One compiled program each. Tolerance: final latents max |ours - ref| <= 1e-4 * max(1, max |ref|).
+a [0, 0.75] window; SDXL with a ControlNet-Union (canny mode) on two panels at once vs diffusers' Union
+pipeline. One compiled program each. Tolerance: final latents max |ours - ref| <= 1e-4 * max(1, max |ref|).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _inputs(unet_config, batch=1, seed=0):
     return emb, noise, images
 
 
-def _ours(unet, nets, sampler, emb, noise, images, settings, *, guess_mode):
+def _ours(unet, nets, sampler, emb, noise, images, settings, *, guess_mode=False, modes=None):
     sdxl = "pooled_prompt_embeds" in emb
     run, states = denoise_program(unet, nets, sampler, guess_mode=guess_mode)
     ctx = jnp.concatenate([jnp.asarray(emb["negative_prompt_embeds"]), jnp.asarray(emb["prompt_embeds"])])
@@ -49,7 +50,8 @@ def _ours(unet, nets, sampler, emb, noise, images, settings, *, guess_mode):
                                jnp.asarray(emb["pooled_prompt_embeds"])]) if sdxl else None)
     h = 8 * SIDE
     time_ids = jnp.asarray([[h, h, 0, 0, h, h]], jnp.float32) if sdxl else None
-    controls = [Control(images=(jnp.asarray(im.transpose(0, 2, 3, 1)),), scales=jnp.asarray(s.step_scales(STEPS)))
+    controls = [Control(images=(jnp.asarray(im.transpose(0, 2, 3, 1)),), scales=jnp.asarray(s.step_scales(STEPS)),
+                        modes=None if modes is None else jnp.asarray(modes))
                 for im, s in zip(images, settings)]
     x = run(states, controls, jnp.asarray(noise.transpose(0, 2, 3, 1)), ctx, pooled, time_ids, jnp.float32(GUIDANCE))
     return np.asarray(x).transpose(0, 3, 1, 2)
@@ -107,3 +109,25 @@ def test_sd15_guess_mode_ddim(tmp_path):
                      guess_mode=True)
     ours = _ours(unet, [net], make_sampler(None, config, STEPS), emb, noise, images[:1], settings, guess_mode=True)
     _check(ours, ref, "sd15, DDIM, guess mode, window [0, 0.75]")
+
+
+def test_sdxl_union_two_panels(tmp_path):
+    """A Union ControlNet (canny mode) on two panels at once: its transformer attends across all four CFG rows
+    (tests/test_controlnet.py), here through the sampler exactly as diffusers' Union pipeline batches them."""
+    unet_ref = torch_unet(UNET_PRESETS["tiny-sdxl"], tmp_path / "unet")
+    net_ref = torch_controlnet(PRESETS["tiny-sdxl-union"], tmp_path / "union", seed=5)
+    unet, (_, net) = our_unet(UNET_PRESETS["tiny-sdxl"], tmp_path / "unet"), our_controlnet(tmp_path / "union")
+    config = SchedulerConfig.preset("sdxl")
+    emb, noise, (images, _) = _inputs(UNET_PRESETS["tiny-sdxl"], batch=2, seed=2)
+    pipe = diffusers.StableDiffusionXLControlNetUnionPipeline(
+        vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet_ref,
+        controlnet=net_ref, scheduler=diffusers.EulerDiscreteScheduler.from_config(config.to_dict()))
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = pipe(**{k: torch.from_numpy(v) for k, v in emb.items()}, latents=torch.from_numpy(noise),
+                   control_image=[torch.from_numpy(images)], control_mode=[3], height=8 * SIDE, width=8 * SIDE,
+                   num_inference_steps=STEPS, guidance_scale=GUIDANCE, controlnet_conditioning_scale=0.8,
+                   control_guidance_start=0.25, control_guidance_end=1.0, output_type="latent").images.numpy()
+    ours = _ours(unet, [net], make_sampler(None, config, STEPS), emb, noise, [images], [ControlSettings(0.8, 0.25)],
+                 modes=[3])
+    _check(ours, ref, "sdxl union, canny mode, two panels, window [0.25, 1]")
