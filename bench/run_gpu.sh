@@ -3,7 +3,8 @@
 #
 #   bash bench/run_gpu.sh            # all of them (story, transition, parity, convert, train)
 #   bash bench/run_gpu.sh story      # one of: story | story-bank | story-window | story-torch | story-scaling
-#                                    #         | transition | parity | parity-video | csa | convert | train
+#                                    #         | transition | parity | parity-video | csa | controlnet | convert
+#                                    #         | train
 #
 # `story` runs the three story modes and the window scaling, then writes the table. The story-* steps run
 # one part each (handy under a per-command time limit) and keep their result in out/bench/story/; a
@@ -27,6 +28,8 @@ transition()    { "$PY" bench/transition.py --preset video --height 512 --width 
 parity()        { "$PY" bench/parity_full.py --out docs/parity.md; }   # sd15, sdxl and the video U-Net
 # CSA write call on full-size SDXL, compile only: FLOPs and temp memory, CSA vs plain (runs on CPU too).
 csa()           { "$PY" bench/csa_cost.py --preset sdxl --size 1024 --ids 4 --out docs/bench_csa.md; }
+# One SDXL 1024² denoising step with a ControlNet vs plain, lowered only: FLOPs ratio (runs on CPU too).
+controlnet()    { "$PY" bench/controlnet_cost.py --preset sdxl --size 1024 --out docs/bench_story.md; }
 parity_video()  { "$PY" bench/parity_full.py --arch video --out docs/parity.md; }
 # The SMP train step at real size (video preset, 16 frames, bf16, 256² and 512²): step time, examples/s, MFU.
 # TRAIN_ARGS adds options, e.g. TRAIN_ARGS="--batch-per-device 2" or "--remat" (512² may need it).
@@ -53,9 +56,10 @@ case "${1:-all}" in
   parity) parity ;;
   parity-video) parity_video ;;
   csa) csa ;;
+  controlnet) controlnet ;;
   convert) convert ;;
   train) train ;;
   all) story; transition; parity; convert; train ;;
-  *) echo "usage: bash bench/run_gpu.sh [all|story|story-bank|story-window|story-torch|story-scaling|transition|parity|parity-video|csa|convert|train]" >&2
+  *) echo "usage: bash bench/run_gpu.sh [all|story|story-bank|story-window|story-torch|story-scaling|transition|parity|parity-video|csa|controlnet|convert|train]" >&2
      exit 2 ;;
 esac

@@ -4,6 +4,7 @@
     python -m convert video --sd15 PATH --motion-module PATH --image-encoder PATH --ip-adapter PATH
                             [--smp DIR] --dst DIR [--dtype ...]
     python -m convert photomaker --src photomaker-v1.bin|photomaker-v2.bin|FILE.safetensors --dst DIR
+    python -m convert controlnet --src DIR|FILE --dst DIR [--config FILE] [--dtype ...]
 
 PATH is a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/[, text_encoder_2/],
 tokenizer*/) or a single-file SD1.5/SDXL checkpoint (.safetensors with LDM/SGM key names, as civitai
@@ -36,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                "      --image-encoder ./IP-Adapter/models/image_encoder --ip-adapter ./ip-adapter-plus_sd15.bin "
                "--dst ./video-jax\n"
                "  python -m convert photomaker --src ./photomaker-v1.bin --dst ./photomaker-jax\n"
+               "  python -m convert controlnet --src ./controlnet-canny-sdxl-1.0 --dst ./canny-sdxl-jax\n"
+               "  python -m convert controlnet --src ./control_v11p_sd15_openpose.pth --dst ./pose-sd15-jax\n"
                "then: python -m infer.story --model ./sdxl-jax --story examples/lighthouse_keepers.txt --out out/\n"
                "      python -m infer.transition --model ./video-jax --start a.png --end b.png --out walk.mp4")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -87,6 +90,21 @@ def _parser() -> argparse.ArgumentParser:
                             help="the word that follows a character's class word in prompts (default: img, the "
                                  "word PhotoMaker was trained with)")
     photomaker.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    control = sub.add_parser(
+        "controlnet", help="a ControlNet or ControlNet-Union (SD1.5 or SDXL)",
+        description="Convert a ControlNet: a diffusers folder (ControlNetModel or xinsir's ControlNetUnionModel), "
+                    "an original lllyasviel SD1.5 file (.pth/.safetensors, LDM names, optionally under "
+                    "control_model.), or a single file in diffusers names (how SDXL ControlNets ship: full, mid and "
+                    "small variants are told apart by their tensor shapes). Control-LoRA files are not supported.")
+    control.add_argument("--src", required=True, metavar="DIR|FILE", help="ControlNet folder or file")
+    control.add_argument("--dst", required=True, help="output folder (must not exist unless --overwrite)")
+    control.add_argument("--config", default=None, metavar="FILE",
+                         help="a diffusers ControlNet config.json (or its folder) describing --src: needed for single "
+                              "files whose layout is neither SD1.5 (LDM names) nor SDXL-like (diffusers names)")
+    control.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                         help="dtype to store floating parameters in (default: float32)")
+    control.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    control.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -110,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
 
             convert_photomaker(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                                trigger_word=args.trigger_word)
+        elif args.command == "controlnet":
+            from .controlnet import convert_controlnet
+
+            convert_controlnet(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, config=args.config,
+                               progress=not args.no_progress)
 
     return run_command(work, interrupted="nothing was written")
 

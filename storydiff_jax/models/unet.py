@@ -11,6 +11,9 @@ Two optional extensions make the same network the spatial part of a video U-Net 
 `motion_module` inserts a temporal module after every (resnet, transformer) pair, in the places
 AnimateDiff puts them (diffusers' `UNetMotionModel` keeps the same names: `*.motion_modules.N`), and
 `ip_adapter=True` gives every cross-attention layer IP-Adapter's image-token branch.
+
+ControlNets (models.controlnet) reuse this file's embeddings, down blocks and mid block, and steer the
+U-Net through `control`: residuals added to the skip connections and to the mid block's output.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +47,15 @@ class FreeU:
     s2: float = 0.4
     b1: float = 1.1
     b2: float = 1.2
+
+
+class ControlResiduals(NamedTuple):
+    """What ControlNets add to a U-Net (diffusers' `down_block_additional_residuals` /
+    `mid_block_additional_residual`): one NHWC tensor per skip connection, in the order the down pass
+    stores them (conv_in's output first, then each resnet/transformer output and each downsample), and
+    one for the mid block's output. A [B, 1, 1, C] tensor (global-pool ControlNets) broadcasts."""
+    down: tuple[jax.Array, ...]
+    mid: jax.Array
 
 
 @dataclass(frozen=True)
@@ -200,6 +212,49 @@ def _fourier_filter(x: jax.Array, scale: float, threshold: int = 1) -> jax.Array
     return out.astype(x.dtype)
 
 
+def build_input_layers(net: nnx.Module, cfg: UNetConfig, *, dtype, rngs: nnx.Rngs) -> None:
+    """Give `net` the U-Net's input layers: `conv_in`, `time_embedding`, SDXL's `add_embedding` (and `dtype`).
+    Shared by the U-Net and the ControlNet, which copies the U-Net's input half."""
+    ch = cfg.block_out_channels
+    net.dtype = dtype
+    net.conv_in = conv(cfg.in_channels, ch[0], dtype=dtype, rngs=rngs)
+    net.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim, dtype=dtype, rngs=rngs)
+    net.add_embedding = (TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim,
+                                           dtype=dtype, rngs=rngs) if cfg.is_sdxl else None)
+
+
+def time_conditioning(net: nnx.Module, cfg: UNetConfig, batch: int, timesteps, text_embeds=None,
+                      time_ids=None) -> jax.Array:
+    """The [batch, time_embed_dim] embedding every resnet receives: the timestep's sinusoidal embedding
+    through `time_embedding`, plus, for SDXL, `add_embedding` of [pooled text, sinusoidal time ids].
+
+    `net` is a U-Net or a ControlNet: anything given its input layers by `build_input_layers(net, cfg)`.
+    """
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
+    t_emb = sinusoidal_embedding(timesteps, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                 freq_shift=cfg.freq_shift)
+    emb = net.time_embedding(t_emb.astype(net.dtype))
+    if cfg.is_sdxl:
+        if text_embeds is None or time_ids is None:
+            raise ConfigError("this SDXL network needs text_embeds (pooled text) and time_ids (6 numbers)")
+        time_ids = jnp.broadcast_to(time_ids, (batch, time_ids.shape[-1]))
+        time_emb = sinusoidal_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                        flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+        add = jnp.concatenate([text_embeds.astype(jnp.float32), time_emb.reshape(batch, -1)], axis=-1)
+        emb = emb + net.add_embedding(add.astype(net.dtype))
+    return emb
+
+
+def _add_control(skips: list, x: jax.Array, control: ControlResiduals) -> tuple[list, jax.Array]:
+    """Skips and mid-block output with the ControlNet residuals added (after the down pass and after the mid
+    block, as diffusers does: the mid block itself still sees the unmodified last skip)."""
+    if len(control.down) != len(skips):
+        raise ConfigError(f"ControlNet residuals: {len(control.down)} skip tensors for a U-Net with {len(skips)} "
+                          "skips; the ControlNet was made for another U-Net architecture")
+    skips = [s + r.astype(s.dtype) for s, r in zip(skips, control.down)]
+    return skips, x + control.mid.astype(x.dtype)
+
+
 class DownBlock(nnx.Module):
     """`layers_per_block` resnets (each followed by a transformer when `attention`), then a downsample."""
 
@@ -305,11 +360,7 @@ class UNet2DConditionModel(nnx.Module):
         cfg = self.config = config
         extensions = {"motion_module": motion_module, "ip_adapter": ip_adapter}
         ch = cfg.block_out_channels
-        self.dtype = dtype
-        self.conv_in = conv(cfg.in_channels, ch[0], dtype=dtype, rngs=rngs)
-        self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim, dtype=dtype, rngs=rngs)
-        self.add_embedding = (TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim,
-                                                dtype=dtype, rngs=rngs) if cfg.is_sdxl else None)
+        build_input_layers(self, cfg, dtype=dtype, rngs=rngs)
         downs = []
         for i, kind in enumerate(cfg.down_block_types):
             downs.append(DownBlock(cfg, i, ch[max(i - 1, 0)], ch[i], attention=kind.startswith("CrossAttn"),
@@ -330,7 +381,8 @@ class UNet2DConditionModel(nnx.Module):
     def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array, *,
                  text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None,
                  freeu: FreeU | None = None, self_attention: SelfAttentionHook | None = None,
-                 image: ImageContext | None = None, num_frames: int | None = None) -> jax.Array:
+                 image: ImageContext | None = None, num_frames: int | None = None,
+                 control: ControlResiduals | None = None) -> jax.Array:
         """Predict noise (or v) for `sample` [B, h, w, C] at `timesteps` [B] (or scalar).
 
         context: text tokens [B, 77, cross_attention_dim]. SDXL also needs `text_embeds` [B, 1280]
@@ -339,21 +391,9 @@ class UNet2DConditionModel(nnx.Module):
         image: IP-Adapter image tokens [B, N, C'] (+ scale) for an `ip_adapter=True` network.
         num_frames: frames per video when built with motion modules (B = videos x frames, frame-major
         within each video).
+        control: ControlNet residuals (summed over ControlNets, already scaled) for the skips and mid block.
         """
-        cfg = self.config
-        b = sample.shape[0]
-        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
-        t_emb = sinusoidal_embedding(timesteps, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                     freq_shift=cfg.freq_shift)
-        emb = self.time_embedding(t_emb.astype(self.dtype))
-        if cfg.is_sdxl:
-            if text_embeds is None or time_ids is None:
-                raise ConfigError("this SDXL U-Net needs text_embeds (pooled text) and time_ids (6 numbers)")
-            time_ids = jnp.broadcast_to(time_ids, (b, time_ids.shape[-1]))
-            time_emb = sinusoidal_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
-                                            flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
-            add = jnp.concatenate([text_embeds.astype(jnp.float32), time_emb.reshape(b, -1)], axis=-1)
-            emb = emb + self.add_embedding(add.astype(self.dtype))
+        emb = time_conditioning(self, self.config, sample.shape[0], timesteps, text_embeds, time_ids)
         context = context.astype(self.dtype)
 
         x = self.conv_in(sample.astype(self.dtype))
@@ -362,6 +402,8 @@ class UNet2DConditionModel(nnx.Module):
             x, block_skips = block(x, emb, context, image, num_frames)
             skips.extend(block_skips)
         x = self.mid_block(x, emb, context, image, num_frames)
+        if control is not None:
+            skips, x = _add_control(skips, x, control)
         for block in self.up_blocks:
             n = len(block.resnets)
             block_skips = skips[-n:]

@@ -178,6 +178,9 @@ def load_components(source: str, *, dtype=jnp.float32, seed: int = 0) -> Compone
         raise CheckpointError(f"{source}: neither a converted folder nor a preset "
                               f"({', '.join(PRESETS)}); convert a checkpoint with `python -m convert pipeline`")
     index = checkpoints.read_index(source)
+    if index.get("kind") == "controlnet":
+        raise CheckpointError(f"{source}: a converted ControlNet, not a text-to-image pipeline; pass the pipeline "
+                              "folder (`python -m convert pipeline`) as the model")
     arch = index.get("arch")
     dicts = {name: checkpoints.read_json(source, f"{name}/config.json") for name in index.get("components", [])}
     dicts["scheduler"] = checkpoints.read_json(source, "scheduler/scheduler_config.json")
