@@ -30,6 +30,7 @@ import numpy as np
 
 from storydiff_jax.checkpoints import PipelineWriter
 from storydiff_jax.errors import CheckpointError, ConfigError
+from storydiff_jax.ldm_names import LEAF, unet_module_map
 from storydiff_jax.models.controlnet import ControlNetConfig, controlnet_class
 from storydiff_jax.params import abstract_params
 
@@ -204,20 +205,20 @@ def rename_diffusers_key(key: str, arr):
 
 def ldm_module_map(config: ControlNetConfig) -> dict[str, tuple[str, str]]:
     """LDM ControlNet module prefixes -> (diffusers prefix, kind): the U-Net's input half as in single-file
-    U-Nets (`single_file.unet_module_map`), plus the zero convs and the hint (conditioning) network.
+    U-Nets (`ldm_names.unet_module_map`), plus the zero convs and the hint (conditioning) network.
 
     The hint network is a Sequential of convs with a SiLU after each but the last, so its convs sit at the
     even indices: conv_in at 0, the (same-width, stride-2) pairs of each level next, conv_out last.
     """
-    table = single_file.unet_module_map(config.unet.to_dict())
+    table = unet_module_map(config.unet.to_dict())
     for i in range(config.num_residuals):
-        table[f"zero_convs.{i}.0"] = (f"controlnet_down_blocks.{i}", single_file._LEAF)
-    table["middle_block_out.0"] = ("controlnet_mid_block", single_file._LEAF)
+        table[f"zero_convs.{i}.0"] = (f"controlnet_down_blocks.{i}", LEAF)
+    table["middle_block_out.0"] = ("controlnet_mid_block", LEAF)
     blocks = 2 * (len(config.conditioning_embedding_out_channels) - 1)
-    table["input_hint_block.0"] = ("controlnet_cond_embedding.conv_in", single_file._LEAF)
+    table["input_hint_block.0"] = ("controlnet_cond_embedding.conv_in", LEAF)
     for k in range(blocks):
-        table[f"input_hint_block.{2 * (k + 1)}"] = (f"controlnet_cond_embedding.blocks.{k}", single_file._LEAF)
-    table[f"input_hint_block.{2 * (blocks + 1)}"] = ("controlnet_cond_embedding.conv_out", single_file._LEAF)
+        table[f"input_hint_block.{2 * (k + 1)}"] = (f"controlnet_cond_embedding.blocks.{k}", LEAF)
+    table[f"input_hint_block.{2 * (blocks + 1)}"] = ("controlnet_cond_embedding.conv_out", LEAF)
     return table
 
 
