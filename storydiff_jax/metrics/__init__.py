@@ -7,12 +7,19 @@
   `prompts`: ConsiStory+-layout benchmark files.
 The command line is `python -m infer.evaluate`; weights come from the user's files through
 `convert/metrics.py`. docs/evaluation.md says which published number uses which model and scaling.
+
+The names below are imported on first use, so checking a command's inputs does not start JAX.
 """
 
-from .embedders import ClipEmbedder, DinoEmbedder, LpipsScorer
-from .prompts import BenchmarkEntry, read_prompts
-from .story import score_story
-from .video import score_videos
+import importlib
 
-__all__ = ["ClipEmbedder", "DinoEmbedder", "LpipsScorer", "BenchmarkEntry", "read_prompts", "score_story",
-           "score_videos"]
+_EXPORTS = {"ClipEmbedder": "embedders", "DinoEmbedder": "embedders", "LpipsScorer": "embedders",
+            "FaceEmbedder": "faces", "BenchmarkEntry": "prompts", "read_prompts": "prompts",
+            "score_story": "story", "score_videos": "video"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
