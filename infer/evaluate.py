@@ -405,7 +405,7 @@ def _generate(args, entry, pipe) -> None:
 
 
 def _write_reports(o: BenchmarkOptions, out: str, runs: list[dict], settings: dict) -> dict:
-    from storydiff_jax.metrics.report import aggregate, bar_chart, compare_table, grouped_table
+    from storydiff_jax.metrics.report import METRICS, aggregate, bar_chart, compare_table, grouped_table
 
     by_mode = aggregate(runs, "mode")
     table = grouped_table(by_mode)
@@ -426,7 +426,8 @@ def _write_reports(o: BenchmarkOptions, out: str, runs: list[dict], settings: di
 
     for metric in metrics:
         with staged_file(os.path.join(charts, f"{metric}.png")) as tmp:
-            bar_chart(by_mode, metric, tmp, title=f"{metric} by mode ({os.path.basename(o.prompts)})")
+            label = METRICS[metric].label if metric in METRICS else metric
+            bar_chart(by_mode, metric, tmp, title=f"{label} by mode ({os.path.basename(o.prompts)})")
     return {"table": table, "results": results, "charts": [f"charts/{m}.png" for m in metrics]}
 
 

@@ -271,3 +271,36 @@ def test_cli_errors_one_line_nothing_written(story_run, nets, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err[-2000:]
         assert not never_written.exists()
     assert not [p for p in tmp_path.rglob("*partial*")]
+
+
+def test_prompt_files(tmp_path):
+    from storydiff_jax.metrics.prompts import read_prompts
+    from storydiff_jax.story import parse_story
+
+    entries = read_prompts(os.path.join(ROOT, "examples", "benchmark.yaml"))
+    assert len(entries) == 10 and {e.domain for e in entries} == {"people", "animals", "objects"}
+    assert all(len(e.settings) == 5 for e in entries) and len({e.id for e in entries}) == 10
+    story = parse_story(entries[4].story_text(), id_length=None)
+    assert list(story.characters) == ["fox"] and len(story.panels) == 5 and story.id_length == 4
+    assert story.panels[0].prompt == "A photo of a small red fox with a white-tipped tail curled up asleep in the snow"
+    # Story syntax in a prompt cannot turn into tags or captions.
+    (tmp_path / "odd.yaml").write_text('d:\n  - {style: "", subject: "a [cat] #1", settings: ["on a [mat] # x"]}\n')
+    odd = read_prompts(str(tmp_path / "odd.yaml"))[0]
+    assert odd.token == "1" and parse_story(odd.story_text(), id_length=1).panels[0].prompt == "a cat 1 on a mat x"
+    bad = {"not_yaml": "a: [1, 2", "no_settings": "d:\n  - {subject: cat}\n", "flat": "- just a list\n"}
+    for name, text in bad.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+        with pytest.raises(evaluate.ConfigError) as e:
+            read_prompts(str(tmp_path / f"{name}.yaml"))
+        assert "\n" not in str(e.value) and f"{name}.yaml" in str(e.value)
+
+
+def test_options_checks():
+    for kwargs, message in (({"prompts": "p", "out": "o", "clip": "c"}, "exactly one of --model"),
+                            ({"prompts": "p", "out": "o", "preset": "tiny-sdxl"}, "no metric chosen"),
+                            ({"prompts": "p", "out": "o", "preset": "tiny-sdxl", "clip": "c", "modes": "csa,photo"},
+                             "unknown mode 'photo'"),
+                            ({"prompts": "p", "out": "o", "preset": "tiny-sdxl", "clip": "c", "seeds": "1,x"},
+                             "--seeds takes comma-separated whole numbers")):
+        with pytest.raises(evaluate.ConfigError, match=message):
+            evaluate.BenchmarkOptions(**kwargs)

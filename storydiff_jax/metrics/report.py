@@ -58,7 +58,7 @@ def summary_table(summary: dict[str, Any]) -> str:
 
 def compare_table(columns: Sequence[tuple[str, dict[str, Any]]]) -> str:
     """Metric rows, one column per run. Each later column shows its difference to the first (▲ better,
-    ▼ worse by the metric's direction, = same to 4 decimals); the best value of a row is in bold."""
+    ▼ worse by the metric's direction, = same to 4 decimals); the best value of a row is in bold (ties: all)."""
     if not columns:
         raise ConfigError("nothing to compare: pass at least one run")
     keys = _ordered({k for _, s in columns for k in s})
@@ -72,7 +72,7 @@ def compare_table(columns: Sequence[tuple[str, dict[str, Any]]]) -> str:
         cells = []
         for i, v in enumerate(values):
             cell = _fmt(v)
-            if v is not None and best is not None and round(v, 4) == round(best, 4):
+            if v is not None and best is not None and v == best:
                 cell = f"**{cell}**"
             base = values[0]
             if i > 0 and v is not None and base is not None:
