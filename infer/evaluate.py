@@ -325,17 +325,25 @@ def run_benchmark(o: BenchmarkOptions, log=print, *, networks: dict | None = Non
     if pipe is not None:
         dtype = jax.numpy.dtype(pipe.components.dtype).name
     settings = _generation_settings(o, dtype)
+    stories = {e.id: e.story_text() for e in entries}
     manifest_path = os.path.join(out, "benchmark.json")
     if os.path.isfile(manifest_path):
         with open(manifest_path, encoding="utf-8") as f:
-            before = json.load(f).get("generation", {})
-        changed = [k for k in settings if before.get(k) != settings[k]]
+            before = json.load(f)
+        generation = before.get("generation", {})
+        changed = [k for k in settings if generation.get(k) != settings[k]]
         if changed:
             k = changed[0]
-            raise ConfigError(f"{o.out} holds a benchmark generated with other settings ({k} {before.get(k)!r}, "
-                              f"now {settings[k]!r}); pass another --out to compare them side by side")
+            raise ConfigError(f"{o.out} holds a benchmark generated with other settings ({k} "
+                              f"{generation.get(k)!r}, now {settings[k]!r}); pass another --out to compare them "
+                              "side by side")
+        edited = [i for i, text in before.get("stories", {}).items() if i in stories and stories[i] != text]
+        if edited:
+            raise ConfigError(f"entry {edited[0]} of {o.prompts} changed since {o.out} generated it; pass another "
+                              "--out (or remove its runs/ folder)")
+        stories = {**before.get("stories", {}), **stories}
     nets = networks if networks is not None else load_networks(o, log)
-    _write_json(manifest_path, {"generation": settings, "prompts": os.path.abspath(o.prompts)})
+    _write_json(manifest_path, {"generation": settings, "prompts": os.path.abspath(o.prompts), "stories": stories})
 
     from storydiff_jax.metrics import score_story
 

@@ -227,6 +227,12 @@ def test_benchmark_resumes(bench, nets, pipe, monkeypatch):
     with pytest.raises(evaluate.ConfigError, match="steps"):
         evaluate.run_benchmark(evaluate.BenchmarkOptions(**{**vars(options), "steps": 3}), log=lambda m: None,
                                networks=clip_only, pipe=pipe)
+    # So is an entry whose prompts were edited since its runs were generated.
+    edited = root / "edited.yaml"
+    edited.write_text(PROMPTS.replace("steering a boat", "rowing a boat"))
+    with pytest.raises(evaluate.ConfigError, match="entry people-000 .* changed"):
+        evaluate.run_benchmark(evaluate.BenchmarkOptions(**{**vars(options), "prompts": str(edited)}),
+                               log=lambda m: None, networks=clip_only, pipe=pipe)
 
 
 def test_compare(bench, story_run, tmp_path):
