@@ -31,7 +31,14 @@ class Batched:
     def __init__(self, model: nnx.Module, method: str, batch: int = BATCH):
         graph, state = nnx.split(model)
         self._state = state
-        self._fn = jax.jit(lambda state, *xs: getattr(nnx.merge(graph, state), method)(*xs))
+
+        def run(state, *xs):
+            # Full float32 matmuls on every backend (TPUs and TF32 GPUs default to less): a metric must not
+            # move with the accelerator it was computed on.
+            with jax.default_matmul_precision("highest"):
+                return getattr(nnx.merge(graph, state), method)(*xs)
+
+        self._fn = jax.jit(run)
         self.batch = batch
 
     def __call__(self, *xs) -> np.ndarray | list[np.ndarray]:
