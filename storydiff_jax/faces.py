@@ -16,7 +16,7 @@ models of that pack it needs, with numpy and onnxruntime only (no insightface, n
    NCHW -> the 512-d embedding.
 
 Resampling is plain bilinear in float64, not OpenCV's fixed-point arithmetic: expect embeddings close to
-insightface's, not bit-identical. onnxruntime is the optional `faces` extra.
+insightface's, not bit-identical. onnxruntime is the optional `arcface` extra.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class FaceEmbedder:
         try:
             import onnxruntime
         except ImportError:
-            raise ConfigError("--face-model needs onnxruntime: pip install 'storydiff-jax[faces]' (or pass "
+            raise ConfigError("--face-model needs onnxruntime: pip install 'storydiff-jax[arcface]' (or pass "
                               "--face-embeds FILE.npy computed elsewhere)") from None
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -28,6 +29,9 @@ from .errors import ConfigError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# ImageNet statistics, which DINOv2's image processor normalises with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
@@ -81,18 +85,41 @@ def clip_preprocess(images: Sequence | np.ndarray | Image.Image, size: int = 224
 
     images: a PIL image, a list of PIL images / uint8 [H, W, 3] arrays, or one uint8 [B, H, W, 3] array.
     """
+    return resize_crop_normalize(images, size, size, CLIP_MEAN, CLIP_STD, what="clip_preprocess")
+
+
+def resize_crop_normalize(images: Sequence | np.ndarray | Image.Image, resize: int, crop: int,
+                          mean: Sequence[float], std: Sequence[float], *, what: str = "preprocess") -> np.ndarray:
+    """transformers' image processors' default path (`CLIPImageProcessor`, DINOv2's `BitImageProcessor`):
+    shortest side to `resize` (bicubic), centre crop `crop`, [0, 1], then (x - mean) / std.
+    Returns np.float32 [B, crop, crop, 3]."""
     if isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim == 3):
         images = [images]
-    if size < 1:
-        raise ConfigError(f"clip_preprocess: size must be positive, got {size}")
+    if resize < 1 or crop < 1:
+        raise ConfigError(f"{what}: sizes must be positive, got resize {resize}, crop {crop}")
+    if crop > resize:
+        raise ConfigError(f"{what}: the {crop} px crop is larger than the {resize} px resize; use crop <= resize")
     if len(images) == 0:
-        raise ConfigError("clip_preprocess: no images given")
-    mean = np.asarray(CLIP_MEAN, np.float32)
-    std = np.asarray(CLIP_STD, np.float32)
-    out = np.empty((len(images), size, size, 3), np.float32)
+        raise ConfigError(f"{what}: no images given")
+    mean = np.asarray(mean, np.float32)
+    std = np.asarray(std, np.float32)
+    out = np.empty((len(images), crop, crop, 3), np.float32)
     for i, image in enumerate(images):
-        pixels = center_crop(np.asarray(resize_short_side(_as_pil(image, i), size)), size)
+        pixels = center_crop(np.asarray(resize_short_side(_as_pil(image, i), resize)), crop)
         # float64 product then float32, and the normalisation in float32: transformers' arithmetic, so
         # the only possible differences to it are in the resampling.
         out[i] = ((pixels.astype(np.float64) * (1 / 255)).astype(np.float32) - mean) / std
     return out
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """How a network wants its images (`resize_crop_normalize` with these settings), e.g. CLIP's
+    (224, 224, CLIP_MEAN, CLIP_STD) or DINOv2's (256, 224, IMAGENET_MEAN, IMAGENET_STD)."""
+    resize: int
+    crop: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, images) -> np.ndarray:
+        return resize_crop_normalize(images, self.resize, self.crop, self.mean, self.std)
