@@ -120,6 +120,12 @@ def _story_noise(seed, id_length, channels):
     return np.asarray(jax.random.normal(jax.random.key(seed), (id_length, hw, hw, channels), jnp.float32))
 
 
+def _video_noise(seed, frames, channels):
+    """TransitionPipeline's starting noise: one draw of [1, frames, h, w, c] from key(seed)."""
+    hw = SIDE // 8
+    return np.asarray(jax.random.normal(jax.random.key(seed), (1, frames, hw, hw, channels), jnp.float32))
+
+
 def _nchw(a):
     return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2)))
 
@@ -330,26 +336,22 @@ def test_transition_matches_animatediff_with_ip_adapter(video):
                if isinstance(proc, IPAdapterAttnProcessor2_0) else proc for name, proc in processors.items()}
     assert sum(isinstance(proc, PerFrameImageTokens) for proc in wrapped.values()) == 10
 
-    hw = SIDE // 8
-    noise = np.asarray(jax.random.normal(jax.random.key(o.seed), (1, o.frames, hw, hw, 4), jnp.float32))
+    noise = _video_noise(o.seed, o.frames, ref.unet.config.in_channels)
     callback, kept = _last_latents()
+
+    def run(**kw):
+        with torch.no_grad():
+            return ref(o.prompt, negative_prompt=o.negative, num_frames=o.frames, height=SIDE, width=SIDE,
+                       num_inference_steps=o.steps, guidance_scale=o.guidance,
+                       latents=torch.from_numpy(np.ascontiguousarray(noise.transpose(0, 4, 1, 2, 3))),
+                       ip_adapter_image_embeds=[torch.stack([features[2:3], features[0:1]])], **kw).frames
+
     try:
         ref.unet.set_attn_processor(wrapped)
-        with torch.no_grad():
-            frames = ref(o.prompt, negative_prompt=o.negative, num_frames=o.frames, height=SIDE, width=SIDE,
-                         num_inference_steps=o.steps, guidance_scale=o.guidance,
-                         latents=torch.from_numpy(np.ascontiguousarray(noise.transpose(0, 4, 1, 2, 3))),
-                         ip_adapter_image_embeds=[torch.stack([features[2:3], features[0:1]])], output_type="np",
-                         callback_on_step_end=callback).frames
-        ref.unet.set_attn_processor(dict(processors))
-        with torch.no_grad():    # diffusers' own way: the start picture's tokens for every frame
-            shared = ref(o.prompt, negative_prompt=o.negative, num_frames=o.frames, height=SIDE, width=SIDE,
-                         num_inference_steps=o.steps, guidance_scale=o.guidance,
-                         latents=torch.from_numpy(np.ascontiguousarray(noise.transpose(0, 4, 1, 2, 3))),
-                         ip_adapter_image_embeds=[torch.stack([features[2:3], features[0:1]])],
-                         output_type="latent").frames
+        frames = run(output_type="np", callback_on_step_end=callback)
     finally:
         ref.unet.set_attn_processor(dict(processors))
+    shared = run(output_type="latent")    # diffusers' own way: the start picture's tokens for every frame
     what = "transition (4 frames, per-frame tokens and GroupNorm, ip_scale 0.8)"
     _check_latents(result.latents, kept["latents"][0].transpose(1, 2, 3, 0), what)
     _check_pixels(result.frames, frames[0], what)
