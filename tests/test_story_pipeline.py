@@ -75,9 +75,14 @@ def test_bank_round_trip(pipe, tmp_path):
         pipe(STORY, opts(seed=3, steps=2), bank=bank, progress=False)
 
 
+# Window mode in chunks (windows crossing a chunk boundary use carried tokens); one compiled program for the two
+# window tests below with CSA on.
+WINDOW = dict(mode="window", window=2, chunk=2)
+
+
 def test_window_mode_runs_and_is_deterministic(pipe):
-    a = pipe(STORY, opts(mode="window", window=3), progress=False)
-    b = pipe(STORY, opts(mode="window", window=3), progress=False)
+    a = pipe(STORY, opts(**WINDOW), progress=False)
+    b = pipe(STORY, opts(**WINDOW), progress=False)
     assert len(a.panels) == 7 and a.bank is None
     assert all(np.array_equal(x, y) for x, y in zip(arrays(a), arrays(b)))
 
@@ -93,8 +98,8 @@ def test_window_mode_relates_panels_sharing_a_character_in_a_window(pipe):
     in the next chunk: the documented price of chunking). A pipeline that related nobody, everybody, or no
     window (all-False / all-True `related`, no `valid` window, no carry) fails here.
     """
-    on = pipe(STORY, opts(mode="window", window=2, chunk=2), progress=False).latents
-    off = pipe(STORY, opts(mode="window", window=2, chunk=2, sa32=0.0, sa64=0.0), progress=False).latents
+    on = pipe(STORY, opts(**WINDOW), progress=False).latents
+    off = pipe(STORY, opts(**WINDOW, sa32=0.0, sa64=0.0), progress=False).latents
     # Measured (2 CPU cores): unchanged panels 1.4e-5..1.8e-5 (float noise: other batch layouts), panel 4 0.116,
     # of latents up to 21.7: bounds 1e-5 and 1e-3 of that scale.
     change = np.abs(on - off).reshape(len(on), -1).max(-1)
