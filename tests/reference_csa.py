@@ -275,13 +275,17 @@ def build_reference_pipeline(preset: str = "sdxl", *, device: str | None = None,
     return pipe
 
 
-def run_reference_story(pipe, story, options, *, state: CSAState | None = None, output_type: str = "pil"):
+def run_reference_story(pipe, story, options, *, state: CSAState | None = None, output_type: str = "pil",
+                        noise=None):
     """Generate `story` (a parsed storydiff_jax Story) the official way; returns (images, info).
 
     `options`: a storydiff_jax StoryOptions (height, width, steps, guidance, seed, sa32/sa64, style,
     negative). Write phase: per character of `story.id_panels`, one call with its id prompts as one
     batch (stores the bank in the processors' state); read phase: one call per other panel. Coin flips
     and selections: `draw_write_schedules` / `draw_read_flips`, exactly as StoryPipeline draws them.
+    noise: None (each call draws its noise from a torch generator seeded with `options.seed`) or the starting
+    latents, numpy NCHW [id_length, c, h, w]: a call of n images starts from its first n rows, as every call
+    of the official code starts from the same reseeded draw (tests/test_pipeline_parity.py passes ours).
     info: {'timings': {'write_s', 'read_s'}, 'layer_tokens', 'calls'}.
     """
     from storydiff_jax import consistent as csa
@@ -313,11 +317,13 @@ def run_reference_story(pipe, story, options, *, state: CSAState | None = None, 
     def call(indices):
         # The official code reseeds before every call: each call starts from the same noise.
         generator = torch.Generator(device=device).manual_seed(o.seed)
+        latents = None if noise is None else torch.from_numpy(noise[:len(indices)]).to(device, pipe.unet.dtype)
         neg = [negatives[i] for i in indices]
         with torch.inference_mode():
             return pipe([prompts[i] for i in indices], negative_prompt=None if all(n is None for n in neg) else
                         [n or "" for n in neg], num_inference_steps=o.steps, guidance_scale=o.guidance,
-                        height=o.height, width=o.width, generator=generator, output_type=output_type).images
+                        height=o.height, width=o.width, generator=generator, latents=latents,
+                        output_type=output_type).images
 
     def sync():
         if str(device).startswith("cuda"):

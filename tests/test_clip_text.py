@@ -32,11 +32,11 @@ TINY = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_attention
 GELU_EOS = 500
 
 
-def _check_close(ours, ref, what):
+def _check_close(ours, ref, what, rel=1e-4):
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs {ref.shape}"
     err = np.abs(ours - ref).max()
-    tol = 1e-4 * max(1.0, np.abs(ref).max())
+    tol = rel * max(1.0, np.abs(ref).max())
     print(f"{what}: max abs err {err:.3g} (tol {tol:.3g}, max|ref| {np.abs(ref).max():.3g})")
     assert err <= tol, f"{what}: max abs error {err} > {tol}"
 
@@ -151,8 +151,13 @@ def test_prefixed_layout_and_position_ids(clip_l, tmp_path):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+# bfloat16 vs the fp32 reference, bound on max abs error / max(1, max|ref|), 3-4x the measured (2 CPU cores):
+# last hidden state 0.0152 (0.0597 of 3.92), penultimate 0.0070 (0.0163 of 2.33), pooled 0.0079 (0.0203 of 2.58).
+BF16_REL = {"last_hidden_state": 5e-2, "penultimate": 3e-2, "pooled": 3e-2}
+
+
 def test_half_precision_runs_close(clip_g):
-    """bfloat16 weights/activations (8-bit mantissa): only a loose check, 5e-2 * max(1, max|ref|)."""
+    """bfloat16 weights/activations (8-bit mantissa) vs the fp32 reference, per output (BF16_REL)."""
     ref, folder = clip_g
     ids = _eos_ids()
     config = read_config(folder)
@@ -160,9 +165,9 @@ def test_half_precision_runs_close(clip_g):
     model = build_with_params(lambda: CLIPTextModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), params)
     out = model(jnp.asarray(ids))
     assert out.last_hidden_state.dtype == jnp.bfloat16
-    for ours, theirs in zip(out, _torch_outputs(ref, ids)):
-        ours = np.asarray(ours, np.float32)
-        assert np.abs(ours - theirs).max() <= 5e-2 * max(1.0, np.abs(theirs).max())
+    theirs = dict(zip(("last_hidden_state", "penultimate", "pooled"), _torch_outputs(ref, ids)))
+    for name, rel in BF16_REL.items():
+        _check_close(np.asarray(getattr(out, name), np.float32), theirs[name], f"clip-bigg bf16 {name}", rel=rel)
 
 
 def test_unsupported_activation_is_a_config_error():

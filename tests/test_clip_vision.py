@@ -215,15 +215,20 @@ def test_bare_transformers_file_derives_config(reference, tmp_path):
     assert config == PRESETS["tiny-vit"]
 
 
+# bfloat16 vs the fp32 reference, bound on max abs error / max(1, max|ref|), ~4x the measured (2 CPU cores):
+# penultimate 0.0103 (0.0501 of 4.88), image_embeds 0.0065 (0.0135 of 2.07).
+BF16_REL = {"penultimate": 4e-2, "image_embeds": 2.5e-2}
+
+
 def test_half_precision_runs_close(reference, pixels, ref_outputs):
-    """bfloat16 weights and activations (8-bit mantissa): a loose check, 5e-2 * max(1, max|ref|)."""
+    """bfloat16 weights and activations (8-bit mantissa) vs the fp32 reference, per output (BF16_REL)."""
     _, folder = reference
     config, params = convert_clip_vision(folder, dtype=jnp.bfloat16)
     model = build_with_params(lambda: CLIPVisionModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), params)
     out = model(jnp.asarray(pixels))
     assert out.penultimate.dtype == jnp.bfloat16
-    for field in ("penultimate", "image_embeds"):
-        _check_close(getattr(out, field), ref_outputs[field], f"bf16 {field}", rel=5e-2)
+    for field, rel in BF16_REL.items():
+        _check_close(getattr(out, field), ref_outputs[field], f"bf16 {field}", rel=rel)
 
 
 def test_wrong_pixel_shape_is_a_config_error(reference):

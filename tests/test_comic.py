@@ -1,5 +1,7 @@
 """Comic typesetting (Pillow only): page counts and sizes, captions, determinism, font errors."""
 
+import struct
+
 import numpy as np
 import pytest
 from PIL import Image, ImageFont
@@ -141,15 +143,45 @@ def test_font_path(tmp_path):
         typeset(make_panels(1), ["x"], "classic", font_path=str(junk))
 
 
+def _bundled_font_bytes() -> bytes:
+    """Pillow's bundled TrueType font (the built-in default), as a user's .ttf file would hold it."""
+    data = ImageFont.load_default(size=12).font_variant().path  # a BytesIO for the bundled font
+    data.seek(0)
+    return data.read()
+
+
+def _enlarged(font: bytes, factor: int) -> bytes:
+    """The same font with its em square `factor` times smaller (the `head` table's unitsPerEm): FreeType then draws
+    every glyph, ascent and descent `factor` times larger at the same requested pixel size."""
+    tables = struct.unpack(">H", font[4:6])[0]
+    for i in range(tables):
+        tag, _, offset, _ = struct.unpack(">4sIII", font[12 + 16 * i:28 + 16 * i])
+        if tag == b"head":
+            at = offset + 18                    # head: version, revision, checksum, magic, flags, unitsPerEm
+            units = struct.unpack(">H", font[at:at + 2])[0]
+            return font[:at] + struct.pack(">H", units // factor) + font[at + 2:]
+    raise AssertionError("no head table in the bundled font")
+
+
+def _caption_rows(panels, caption, **kw) -> int:
+    """How many pixel rows of the page the caption changes."""
+    plain = as_array(typeset(panels, [None], "four-panel")[0])
+    page = as_array(typeset(panels, [caption], "four-panel", **kw)[0])
+    return int((plain != page).any(axis=(1, 2)).sum())
+
+
 def test_font_path_is_used(tmp_path):
-    # Pillow's bundled default font, written out as a file, stands in for a user's .ttf.
-    default = ImageFont.load_default(size=12)
-    font_bytes = default.font_variant().path  # a BytesIO for the bundled font
-    path = tmp_path / "font.ttf"
-    font_bytes.seek(0)
-    path.write_bytes(font_bytes.read())
-    pages = typeset(make_panels(1, (128, 128)), ["A caption"], "four-panel", font_path=str(path))
-    assert len(pages) == 1
+    panels = make_panels(1, (128, 128))
+    same, large = tmp_path / "same.ttf", tmp_path / "large.ttf"
+    same.write_bytes(_bundled_font_bytes())
+    large.write_bytes(_enlarged(_bundled_font_bytes(), 3))
+    # The same font file, once as shipped and once drawing its glyphs 3x as large at the requested size: if the
+    # file were ignored (the built-in font drawn instead), both captions would be the same height.
+    rows = _caption_rows(panels, "A caption", font_path=str(same))
+    rows_large = _caption_rows(panels, "A caption", font_path=str(large))
+    print(f"\ncaption rows: the font file {rows}, the same font drawn 3x larger {rows_large}, built-in font "
+          f"{_caption_rows(panels, 'A caption')}")
+    assert rows_large >= 2 * rows
 
 
 def test_bad_arguments():

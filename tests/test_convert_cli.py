@@ -15,8 +15,8 @@ Tolerances:
 - fp32 parity (U-Net, VAE decode/encode, both text encoders): max |ours - torch| <= 1e-4 * max(1, max |torch|).
 - bf16 (`--dtype bfloat16`): the stored parameters must equal the fp32 conversion rounded to bf16
   exactly; loaded into a float32 pipeline, U-Net output and pooled text embedding are within
-  BF16_TOL * max(1, max |torch fp32|) (bf16 keeps 8 mantissa bits: ~2e-3 relative per weight, accumulated
-  over the network's depth).
+  BF16_TOL[...] * max(1, max |torch fp32|) (bf16 keeps 8 mantissa bits: ~2e-3 relative per weight, accumulated
+  over the network's depth); the bounds are ~4x the measured errors (see BF16_TOL).
 - single file vs diffusers folder: converted parameters bit-identical.
 """
 
@@ -53,7 +53,9 @@ from storydiff_jax.tokenizer_files import write_clip_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-4
-BF16_TOL = 5e-2
+# max abs error / max(1, max|ref|) of the bf16-stored parameters, measured (2 CPU cores): U-Net 0.0081 (0.0182 of
+# 2.25), text encoder 2 pooled 0.0036 (0.0137 of 3.83); bounds ~4x.
+BF16_TOL = {"unet": 3e-2, "pooled": 1.5e-2}
 PROMPTS = ["a photo of a cat", "", "A lighthouse keeper's CAT, watercolor -- 1890s!!! café naïve 東京",
            " ".join(["a very long prompt that has to be truncated"] * 12)]   # > 77 tokens
 
@@ -367,11 +369,12 @@ def test_bfloat16_params_load_and_run(work):
     assert comps.unet.conv_in.kernel.get_value().dtype == jnp.float32
     x, t, ctx, extra = _unet_inputs(comps.config.unet)
     _check_close(_jax_unet(comps.unet, x, t, ctx, extra), _torch_unet(work.sdxl.unet, x, t, ctx, extra),
-                 "sdxl bf16 unet", tol=BF16_TOL)
+                 "sdxl bf16 unet", tol=BF16_TOL["unet"])
     ids = tokenize(comps.tokenizer_2, PROMPTS)
     with torch.no_grad():
         ref = work.sdxl.text_encoder_2(torch.from_numpy(ids.astype(np.int64))).text_embeds.numpy()
-    _check_close(comps.text_encoder_2(jnp.asarray(ids)).pooled, ref, "sdxl bf16 text encoder 2 pooled", tol=BF16_TOL)
+    _check_close(comps.text_encoder_2(jnp.asarray(ids)).pooled, ref, "sdxl bf16 text encoder 2 pooled",
+                 tol=BF16_TOL["pooled"])
 
 
 def test_single_file_converts_to_the_same_params(work):

@@ -57,10 +57,10 @@ def _run(module: str, *args) -> subprocess.Popen:
 def _parts(root: Path) -> types.SimpleNamespace:
     p = types.SimpleNamespace(root=root)
     p.sd15 = root / "sd15"
-    pipe = _build_pipeline("sd15", p.sd15, root / "tokenizers")
+    pipe = p.pipe = _build_pipeline("sd15", p.sd15, root / "tokenizers")
 
     torch.manual_seed(3)
-    adapter = _perturb(diffusers.MotionAdapter(
+    adapter = p.adapter = _perturb(diffusers.MotionAdapter(
         block_out_channels=UNET.block_out_channels, motion_layers_per_block=UNET.layers_per_block,
         motion_num_attention_heads=8, motion_norm_num_groups=32, motion_max_seq_length=32, use_motion_mid_block=True))
     original = _to_original(adapter.state_dict())
@@ -72,8 +72,10 @@ def _parts(root: Path) -> types.SimpleNamespace:
     vision.save_pretrained(p.vision)
 
     gen = torch.Generator().manual_seed(4)
+    # Depth 4, like the real file: diffusers' IP-Adapter-Plus loader always builds 4 Resampler layers, and
+    # tests/test_pipeline_parity.py loads this file into diffusers' AnimateDiffPipeline.
     proj_cfg = ip_lib.ResamplerConfig(embed_dim=TINY_VISION["hidden_size"], hidden_dim=32,
-                                      output_dim=UNET.cross_attention_dim, depth=2, dim_head=64, heads=2,
+                                      output_dim=UNET.cross_attention_dim, depth=4, dim_head=64, heads=2,
                                       num_queries=16, ffn_ratio=4)
     p.ip = root / "ip-adapter-plus_sd15.bin"
     torch.save({"image_proj": _original_image_proj(proj_cfg, gen), "ip_adapter": _original_ip_layers(pipe.unet, gen)},

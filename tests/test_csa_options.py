@@ -1,7 +1,9 @@
 """Edge values of StoryOptions: one-line ConfigErrors at construction (CLI, web app and API alike), no substitutes."""
 
+import numpy as np
 import pytest
 
+from storydiff_jax.consistent import CSASettings, draw_flips
 from storydiff_jax.errors import ConfigError
 from storydiff_jax.pipelines import StoryOptions
 
@@ -52,3 +54,20 @@ def test_cli_refuses_edge_values_before_any_work(tmp_path, flag, value, words):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and words in errors[0], proc.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == [story]
+
+
+def test_csa_defaults_are_the_official_ones():
+    """CSASettings' defaults, pinned to the official code: HVision-NKU/StoryDiffusion,
+    gradio_app_sdxl_specific_id_low_vram.py (the default entry point; read at commit 0a2f9d99),
+    SpatialAttnProcessor2_0.__call__: `if cur_step < 1` plain attention; then `rand_num = 0.3` while
+    `cur_step < 20`, else 0.1, and CSA `if random_number > rand_num`: P(CSA) 0.7 for steps 1-19, 0.9 from step 20.
+    Its UI sliders `sa32_` / `sa64_` start at 0.5."""
+    official = CSASettings(sa32=0.5, sa64=0.5, plain_steps=1, switch_step=20, p_early=0.7, p_late=0.9)
+    assert CSASettings() == official
+    assert StoryOptions().csa() == official
+    # The probabilities are of CSA (the official `random_number > rand_num`), not of plain attention.
+    flips = draw_flips(np.random.default_rng(0), 30, 4000, official)
+    print(f"\nP(CSA): step 0 {flips[0].mean():.3f}, steps 1-19 {flips[1:20].mean():.3f}, "
+          f"steps 20-29 {flips[20:].mean():.3f}")
+    assert not flips[0].any()
+    assert abs(flips[1:20].mean() - 0.7) < 0.01 and abs(flips[20:].mean() - 0.9) < 0.01

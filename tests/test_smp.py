@@ -106,7 +106,9 @@ def tokens(shape, seed):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-@pytest.mark.parametrize("num_frames", [2, 5, 12])
+# No 2: with two frames both are overwritten by the inputs (anchoring), so the network's output would not be seen
+# (test_anchored_ends_with_random_weights covers the anchoring); 3 is the fewest with a predicted frame.
+@pytest.mark.parametrize("num_frames", [3, 5, 12])
 def test_matches_torch_reference(reference, num_frames):
     ref_model, model = reference
     start, end = tokens((2, CFG.num_tokens, CFG.token_dim), 1), tokens((2, CFG.num_tokens, CFG.token_dim), 2)
@@ -115,9 +117,8 @@ def test_matches_torch_reference(reference, num_frames):
     out = model(jnp.asarray(start), jnp.asarray(end), num_frames)
     check_close(out, ref, f"smp L={num_frames}")
     # The network really moved the middle frames away from the interpolation (else parity says little).
-    if num_frames > 2:
-        interp = np.asarray(interpolate_tokens(jnp.asarray(start), jnp.asarray(end), num_frames))
-        assert np.abs(ref[:, 1:-1] - interp[:, 1:-1]).max() > 0.1
+    interp = np.asarray(interpolate_tokens(jnp.asarray(start), jnp.asarray(end), num_frames))
+    assert np.abs(ref[:, 1:-1] - interp[:, 1:-1]).max() > 0.1
 
 
 def test_jit_and_batch_independence(reference):

@@ -89,6 +89,9 @@ class StoryResult:
     story: Story
     bank: CharacterBank | None
     info: dict[str, Any] = field(default_factory=dict)
+    # The final (denoised, not yet decoded) latents, float32 [n_panels, h, w, c] in panel order: what the
+    # pipeline-level parity tests compare with diffusers before the uint8 rounding of the pictures.
+    latents: np.ndarray | None = None
 
 
 def _to_uint8(images: jax.Array) -> jax.Array:
@@ -353,7 +356,8 @@ class StoryPipeline:
         timings["decode_s"] = time.perf_counter() - t0
         pages = typeset(panels, [p.caption for p in story.panels], o.layout, seed=o.seed, font_path=o.font)
         info = {"timings": timings, "id_length": story.id_length, "layer_tokens": layer_tokens}
-        return StoryResult(panels, pages, story, new_bank if o.mode == "bank" else None, info)
+        final = np.stack([np.asarray(latents[p], np.float32) for p in range(n)])
+        return StoryResult(panels, pages, story, new_bank if o.mode == "bank" else None, info, latents=final)
 
     def _bank_meta(self, o: StoryOptions) -> dict:
         return {"model": self.components.source, "height": o.height, "width": o.width, "steps": o.steps,

@@ -61,6 +61,7 @@ class TransitionOptions:
 class TransitionResult:
     frames: np.ndarray                   # uint8 [L, H, W, 3]
     info: dict[str, Any] = field(default_factory=dict)
+    latents: np.ndarray | None = None    # the final latents before decoding, float32 [L, h, w, c]
 
     def images(self) -> list[Image.Image]:
         return [Image.fromarray(f) for f in self.frames]
@@ -269,7 +270,7 @@ class TransitionPipeline:
         frames = self._decode(latents, o.decode_batch, progress)
         timings["decode_s"] = time.perf_counter() - t0
         info = {"timings": timings, "options": asdict(o), "smp": o.smp, "frames": int(frames.shape[0])}
-        return TransitionResult(frames, info)
+        return TransitionResult(frames, info, latents=np.asarray(latents, np.float32))
 
     def _decode(self, latents: jax.Array, batch: int, progress: bool) -> np.ndarray:
         batch = -(-batch // self.n_devices) * self.n_devices
