@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from storydiff_jax.cli import run_command
@@ -73,24 +74,42 @@ def _smp_parser(sub):
 
 
 def _webvid_parser(sub):
-    from .webvid import DEFAULT_LAYOUT
+    from .clip_codec import DEFAULT_FORMAT, DEFAULT_H264_CRF, DEFAULT_JPEG_QUALITY, FORMATS
+    from .webvid_input import DEFAULT_LAYOUT
 
-    p = sub.add_parser("build-webvid", help="WebVid CSVs + videos -> TFDS `webvid` dataset (array_record)",
+    p = sub.add_parser("build-webvid", help="WebVid videos -> TFDS `webvid` dataset (array_record)",
                        description="Build the `webvid` TFDS dataset: one clip per video, --frames frames --stride "
                                    "apart from the middle of the video, short side resized to --resolution and "
-                                   "centre-cropped. Missing, corrupt and too-short videos are skipped and named in "
-                                   "the summary (printed, and webvid_build.json next to the records). The build "
-                                   "goes to DATA_DIR/webvid/l<L>_r<R>_s<S>/1.0.0 and appears only when complete.")
+                                   "centre-cropped, stored as --frames-format. Input: WebVid's CSVs + videos, or "
+                                   "video2dataset's webdataset tar shards. Missing, corrupt and too-short videos are "
+                                   "skipped and named in the summary (printed, and webvid_build.json next to the "
+                                   "records). The build goes to DATA_DIR/webvid/l<L>_r<R>_s<S>[_<format>]/1.0.0 and "
+                                   "appears only when complete. --beam-runner runs it as an Apache Beam pipeline "
+                                   "(DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, PortableRunner, ...).")
     p.add_argument("--manual-dir", required=True,
-                   help="WebVid's CSV files (videoid, name, page_dir, duration, contentUrl) and the videos")
+                   help="WebVid's CSV files (videoid, name, page_dir, duration, contentUrl) and the videos, or "
+                        "video2dataset's tar shards (00000.tar, ...; or in train/, val/, test/ folders)")
     p.add_argument("--data-dir", required=True, help="TFDS data dir the build is written under")
     p.add_argument("--frames", type=int, default=16, help="frames per clip (L)")
     p.add_argument("--resolution", type=int, default=256, help="square frame side (R)")
     p.add_argument("--stride", type=int, default=4, help="source frames between clip frames (AnimateDiff: 4)")
+    p.add_argument("--frames-format", choices=FORMATS, default=DEFAULT_FORMAT,
+                   help=f"how frames are stored (default {DEFAULT_FORMAT}): h264 = the clip as one H.264 stream, "
+                        "jpeg = a JPEG per frame, raw = lossless uint8 (about 30x and 5x the bytes of h264 and jpeg; "
+                        "docs/training.md)")
+    p.add_argument("--jpeg-quality", type=int, help=f"JPEG quality 1-100 (default {DEFAULT_JPEG_QUALITY})")
+    p.add_argument("--h264-crf", type=int, help=f"H.264 constant rate factor 0-51, lower is better (default "
+                                                f"{DEFAULT_H264_CRF})")
     p.add_argument("--layout", default=DEFAULT_LAYOUT,
                    help=f"video path under --manual-dir, a format string over CSV columns (default {DEFAULT_LAYOUT})")
-    p.add_argument("--limit", type=int, help="build only the first N rows of each CSV")
+    p.add_argument("--limit", type=int, help="build only the first N rows of each CSV (samples of each split)")
     p.add_argument("--workers", type=int, default=1, help="decoding processes (output is the same for any number)")
+    p.add_argument("--beam-runner", metavar="RUNNER",
+                   help="run the build as an Apache Beam pipeline on RUNNER (needs storydiff-jax[beam])")
+    p.add_argument("--beam-options", default="", metavar="FLAGS",
+                   help="the runner's pipeline options as one string, written with '=' since it starts with --: "
+                        "--beam-options='--direct_num_workers=4 --direct_running_mode=multi_processing' or "
+                        "--beam-options='--project=P --region=R --temp_location=gs://...'")
     p.add_argument("--overwrite", action="store_true", help="replace an existing build of the same settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -131,14 +150,31 @@ def _cache_features(args) -> int:
 
 def _build_webvid(args) -> int:
     def work():
+        from storydiff_jax.errors import ConfigError
+
         from .webvid import build, format_summary
 
+        for flag, value, fmt in (("--jpeg-quality", args.jpeg_quality, "jpeg"), ("--h264-crf", args.h264_crf, "h264")):
+            if value is not None and args.frames_format != fmt:
+                raise ConfigError(f"{flag} applies to --frames-format {fmt}, this build is --frames-format "
+                                  f"{args.frames_format}; drop it or change the format")
+        quality = args.jpeg_quality if args.frames_format == "jpeg" else args.h264_crf
         summary = build(args.manual_dir, args.data_dir, frames=args.frames, resolution=args.resolution,
-                        stride=args.stride, layout=args.layout, limit=args.limit, workers=args.workers,
-                        overwrite=args.overwrite, progress=not args.quiet)
+                        stride=args.stride, frames_format=args.frames_format, quality=quality, layout=args.layout,
+                        limit=args.limit, workers=args.workers, beam_runner=args.beam_runner,
+                        beam_options=args.beam_options, overwrite=args.overwrite, progress=not args.quiet)
         print(format_summary(summary))
 
-    return run_command(work, interrupted="build stopped; nothing was written")
+    # A scheduler's SIGTERM stops the build as Ctrl-C does: the staged records are removed, nothing is left.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return run_command(work, interrupted="build stopped; nothing was written")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:
