@@ -32,6 +32,26 @@ def _model_args(p):
     src.add_argument("--preset", choices=("tiny-video", "video"), help="random-weight model of that shape")
 
 
+def _distributed_args(p):
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: jax.distributed.initialize() (from the cluster's environment, or the "
+                        "three options below); run the same command on every host (docs/training.md)")
+    p.add_argument("--coordinator", help="host:port of process 0 (with --distributed)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+
+
+def _start_distributed(args) -> None:
+    from storydiff_jax.errors import ConfigError
+
+    from .loop import init_distributed
+
+    if args.distributed:
+        init_distributed(args.coordinator, args.num_processes, args.process_id)
+    elif args.coordinator or args.num_processes is not None or args.process_id is not None:
+        raise ConfigError("--coordinator / --num-processes / --process-id need --distributed; add it")
+
+
 def _smp_parser(sub):
     p = sub.add_parser("smp", help="train the SMP (+ image projection, IP layers, motion modules)",
                        description="Train or resume a run. All settings except --mesh, --save-every, --keep, "
@@ -63,12 +83,7 @@ def _smp_parser(sub):
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     p.add_argument("--log-every", type=int, default=10, help="metrics every N steps")
-    p.add_argument("--distributed", action="store_true",
-                   help="multi-host: jax.distributed.initialize() (from the cluster's environment, or the "
-                        "three options below); run the same command on every host (docs/training.md)")
-    p.add_argument("--coordinator", help="host:port of process 0 (with --distributed)")
-    p.add_argument("--num-processes", type=int)
-    p.add_argument("--process-id", type=int)
+    _distributed_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar; metrics as log lines")
     return p
 
@@ -116,13 +131,17 @@ def _webvid_parser(sub):
 
 
 def _features_parser(sub):
+    from .features import DEFAULT_SHARD_SIZE
+
     p = sub.add_parser("cache-features", help="the frozen encoders' outputs of a dataset, for `smp --features`",
                        description="Compute once what the train step's frozen encoders give for each clip: the VAE "
                                    "posterior's mean and log-variance of every frame, the CLIP penultimate states of "
                                    "the first and last frames, the caption's text states (plus the zero image's and "
-                                   "the empty caption's). `smp --features OUT` then trains on them; it checks that "
-                                   "frames, resolution, dtype, model and dataset match. OUT appears only when "
-                                   "complete.")
+                                   "the empty caption's), in shards of --shard-size clips, stored in the --dtype "
+                                   "(bfloat16: half the bytes). `smp --features OUT` then trains on them; it checks "
+                                   "that frames, resolution, dtype, model and dataset match. OUT is complete once its "
+                                   "manifest.json exists; a stopped run keeps its finished shards and the same "
+                                   "command resumes. With --distributed every host writes its share of the shards.")
     p.add_argument("--data-dir", required=True, help="clip folder or WebVid build")
     p.add_argument("--out", required=True, metavar="CACHE_DIR")
     _model_args(p)
@@ -130,7 +149,11 @@ def _features_parser(sub):
     p.add_argument("--resolution", type=int, default=256, help="square frame side, as the training run")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="as the training run")
     p.add_argument("--batch-size", type=int, default=8, help="clips per encoder call (over this host's devices)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing CACHE_DIR")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                   help=f"clips per shard (default {DEFAULT_SHARD_SIZE}): the unit a resumed or multi-host run "
+                        "skips or shares out")
+    _distributed_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing CACHE_DIR (or an unfinished one)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -140,12 +163,14 @@ def _cache_features(args) -> int:
         from .config import TrainConfig
         from .features import write_features
 
+        _start_distributed(args)
         cfg = TrainConfig(model=args.model or args.preset or "tiny-video", data_dir=args.data_dir,
                           frames=args.frames, resolution=args.resolution, dtype=args.dtype,
                           batch_size=args.batch_size)
-        write_features(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+        write_features(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet, shard_size=args.shard_size)
 
-    return run_command(work, interrupted="cache-features stopped; nothing was written")
+    return run_command(work, interrupted="cache-features stopped; the finished shards are kept: the same command "
+                                         "resumes")
 
 
 def _build_webvid(args) -> int:
@@ -205,15 +230,10 @@ def main(argv=None) -> int:
                            interrupted="export stopped; nothing was written")
 
     def work():
-        from storydiff_jax.errors import ConfigError
-
         from .config import TrainConfig
-        from .loop import init_distributed, train
+        from .loop import train
 
-        if args.distributed:
-            init_distributed(args.coordinator, args.num_processes, args.process_id)
-        elif args.coordinator or args.num_processes is not None or args.process_id is not None:
-            raise ConfigError("--coordinator / --num-processes / --process-id need --distributed; add it")
+        _start_distributed(args)
         cfg = TrainConfig(model=args.model or args.preset or "tiny-video", data_dir=args.data_dir, steps=args.steps,
                           batch_size=args.batch_size, frames=args.frames, resolution=args.resolution, lr=args.lr,
                           warmup=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,
