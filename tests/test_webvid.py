@@ -299,6 +299,15 @@ def test_run_settings_must_match_the_build(built, tmp_path, capsys):
         print("\n" + err)
     assert rc == 2 and len(err.splitlines()) == 1 and "--resolution 64" in err and f"{RES}x{RES}" in err
     assert not workdir.exists()
+    # --data-workers (grain processes decoding the clips) is checked as early; 0 keeps older runs' identity.
+    rc = main(["smp", "--data-dir", data, "--workdir", str(workdir), "--preset", "tiny-video", "--frames",
+               str(FRAMES), "--resolution", str(RES), "--data-workers", "-1", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == "error: --data-workers must be a whole number >= 0, got -1" and not workdir.exists()
+    from train.config import TrainConfig
+
+    assert TrainConfig(model="tiny-video", data_dir=data).identity()["data_workers"] is None
+    assert TrainConfig(model="tiny-video", data_dir=data, data_workers=2).identity()["data_workers"] == 2
 
 
 def test_cli_errors_are_one_line_and_leave_nothing(built, tmp_path, capsys):

@@ -79,6 +79,10 @@ def _smp_parser(sub):
                    help="compute dtype (trained params stay float32)")
     p.add_argument("--remat", action="store_true", help="recompute U-Net activations in the backward pass")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-workers", type=int, default=0,
+                   help="grain worker processes that read and decode the clips (JPEG / H.264 builds: see "
+                        "bench/input.py for how many a device needs); 0 = grain's threads in this process. Which "
+                        "clips a step sees depends on it, so a resumed run keeps it")
     p.add_argument("--mesh", default="data=auto", help="e.g. data=8 or data=2,fsdp=4 (default: all devices on data)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
@@ -239,8 +243,8 @@ def main(argv=None) -> int:
                           warmup=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,
                           clip_norm=args.clip_norm, text_drop=args.text_drop, image_drop=args.image_drop,
                           freeze_motion="motion" in args.freeze, dtype=args.dtype, remat=args.remat, seed=args.seed,
-                          mesh=args.mesh, save_every=args.save_every, keep=args.keep, log_every=args.log_every,
-                          features=args.features)
+                          data_workers=args.data_workers, mesh=args.mesh, save_every=args.save_every, keep=args.keep,
+                          log_every=args.log_every, features=args.features)
         summary = train(cfg, args.workdir, progress=not args.quiet)
         if summary["preempted"]:
             raise SystemExit(143)   # 128 + SIGTERM: the scheduler sees a preempted, resumable run

@@ -474,7 +474,7 @@ class Trainer:
 
 # Settings that do not enter the compiled step (the learning rate is an input; see `optimizer`).
 _OUTSIDE_PROGRAM = dict(model="", data_dir="", features="", steps=1, lr=1.0, warmup=0, schedule="constant", seed=0,
-                        mesh="", save_every=1, keep=1, log_every=1)
+                        mesh="", save_every=1, keep=1, log_every=1, data_workers=0)
 _TRAINERS: dict = {}
 
 
