@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from conftest import cpu_env
 from test_train import write_clips
+from test_train_features import _files  # every file of a folder: {name: bytes}
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIPS, SHARD = 5, 2
@@ -33,14 +34,6 @@ def _args(data, out, *extra):
     return ["cache-features", "--data-dir", str(data), "--out", str(out), "--preset", "tiny-video", "--quiet",
             "--frames", "4", "--resolution", "64", "--batch-size", "2", "--shard-size", str(SHARD), "--dtype",
             "bfloat16", *extra]
-
-
-def _files(folder):
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name), "rb") as f:
-            out[name] = f.read()
-    return out
 
 
 @pytest.fixture(scope="module")

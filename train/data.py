@@ -11,8 +11,9 @@ experiments write with `write_clip_folder`). `open_source` also opens a WebVid T
 TensorFlow.
 
 The pipeline (`make_loader`) is grain's DataLoader: an `IndexSampler` shuffled with a seed, sharded by
-JAX process (`ShardByJaxProcess`), endless epochs, per-host batches. Its iterator's state is saved in
-the checkpoints, so a resumed run continues with exactly the next example.
+JAX process (`ShardByJaxProcess`), endless epochs, per-host batches, read (and a WebVid build's JPEG / H.264
+frames decoded) by grain's threads in this process or by `workers` grain processes. Its iterator's state is
+saved in the checkpoints, so a resumed run continues with exactly the next example.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ VERSION = 1
 
 @runtime_checkable
 class ClipSource(Protocol):
-    """What a training data source gives (the future TFDS/array_record source implements the same)."""
+    """What a training data source gives (ClipFolderSource, webvid.WebVidSource, features.FeatureCache)."""
 
     def __len__(self) -> int: ...
 
