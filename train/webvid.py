@@ -312,8 +312,11 @@ def builder_class():
             def unique_items():
                 for unit in units(md, split, self.limit):
                     for item in read_unit(unit, md.path, md.layout):
-                        if item.problem is not None or (item.videoid and item.videoid not in seen):
-                            seen.add(item.videoid if item.problem is None else None)
+                        if item.problem is not None:   # skipped for its own reason, whatever its id
+                            yield item
+                            continue
+                        if item.videoid and item.videoid not in seen:
+                            seen.add(item.videoid)
                             yield item
                             continue
                         report.skipped.append(skip_entry(item, "duplicate", "videoid repeats in this split"
@@ -399,7 +402,7 @@ def build(manual_dir: str, data_dir: str, *, frames: int = 16, resolution: int =
         raise ConfigError("--beam-options needs --beam-runner (e.g. --beam-runner DirectRunner); add it")
     # Checked here too (headers, one row): input errors come before anything is created.
     md = open_manual_dir(manual_dir, layout)
-    if not any(next(read_unit(u, md.path, layout), None) for s in md.splits for u in units(md, s, limit)[:1]):
+    if not any(next(read_unit(u, md.path, layout), None) for s in md.splits for u in units(md, s, limit)):
         raise ConfigError(f"--manual-dir {md.path}: the {'CSVs' if md.kind == 'csv' else 'tar shards'} have no "
                           "rows; nothing to build")
     final = build_dir(data_dir, frames, resolution, stride, codec)
