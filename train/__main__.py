@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from storydiff_jax.cli import run_command
@@ -29,6 +30,26 @@ def _model_args(p):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="CONVERTED_DIR", help="folder written by `python -m convert video`")
     src.add_argument("--preset", choices=("tiny-video", "video"), help="random-weight model of that shape")
+
+
+def _distributed_args(p):
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: jax.distributed.initialize() (from the cluster's environment, or the "
+                        "three options below); run the same command on every host (docs/training.md)")
+    p.add_argument("--coordinator", help="host:port of process 0 (with --distributed)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+
+
+def _start_distributed(args) -> None:
+    from storydiff_jax.errors import ConfigError
+
+    from .loop import init_distributed
+
+    if args.distributed:
+        init_distributed(args.coordinator, args.num_processes, args.process_id)
+    elif args.coordinator or args.num_processes is not None or args.process_id is not None:
+        raise ConfigError("--coordinator / --num-processes / --process-id need --distributed; add it")
 
 
 def _smp_parser(sub):
@@ -58,52 +79,73 @@ def _smp_parser(sub):
                    help="compute dtype (trained params stay float32)")
     p.add_argument("--remat", action="store_true", help="recompute U-Net activations in the backward pass")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-workers", type=int, default=0,
+                   help="grain worker processes that read and decode the clips (JPEG / H.264 builds: see "
+                        "bench/input.py for how many a device needs); 0 = grain's threads in this process. Which "
+                        "clips a step sees depends on it, so a resumed run keeps it")
     p.add_argument("--mesh", default="data=auto", help="e.g. data=8 or data=2,fsdp=4 (default: all devices on data)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     p.add_argument("--log-every", type=int, default=10, help="metrics every N steps")
-    p.add_argument("--distributed", action="store_true",
-                   help="multi-host: jax.distributed.initialize() (from the cluster's environment, or the "
-                        "three options below); run the same command on every host (docs/training.md)")
-    p.add_argument("--coordinator", help="host:port of process 0 (with --distributed)")
-    p.add_argument("--num-processes", type=int)
-    p.add_argument("--process-id", type=int)
+    _distributed_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar; metrics as log lines")
     return p
 
 
 def _webvid_parser(sub):
-    from .webvid import DEFAULT_LAYOUT
+    from .clip_codec import DEFAULT_FORMAT, DEFAULT_H264_CRF, DEFAULT_JPEG_QUALITY, FORMATS
+    from .webvid_input import DEFAULT_LAYOUT
 
-    p = sub.add_parser("build-webvid", help="WebVid CSVs + videos -> TFDS `webvid` dataset (array_record)",
+    p = sub.add_parser("build-webvid", help="WebVid videos -> TFDS `webvid` dataset (array_record)",
                        description="Build the `webvid` TFDS dataset: one clip per video, --frames frames --stride "
                                    "apart from the middle of the video, short side resized to --resolution and "
-                                   "centre-cropped. Missing, corrupt and too-short videos are skipped and named in "
-                                   "the summary (printed, and webvid_build.json next to the records). The build "
-                                   "goes to DATA_DIR/webvid/l<L>_r<R>_s<S>/1.0.0 and appears only when complete.")
+                                   "centre-cropped, stored as --frames-format. Input: WebVid's CSVs + videos, or "
+                                   "video2dataset's webdataset tar shards. Missing, corrupt and too-short videos are "
+                                   "skipped and named in the summary (printed, and webvid_build.json next to the "
+                                   "records). The build goes to DATA_DIR/webvid/l<L>_r<R>_s<S>[_<format>]/1.0.0 and "
+                                   "appears only when complete. --beam-runner runs it as an Apache Beam pipeline "
+                                   "(DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, PortableRunner, ...).")
     p.add_argument("--manual-dir", required=True,
-                   help="WebVid's CSV files (videoid, name, page_dir, duration, contentUrl) and the videos")
+                   help="WebVid's CSV files (videoid, name, page_dir, duration, contentUrl) and the videos, or "
+                        "video2dataset's tar shards (00000.tar, ...; or in train/, val/, test/ folders)")
     p.add_argument("--data-dir", required=True, help="TFDS data dir the build is written under")
     p.add_argument("--frames", type=int, default=16, help="frames per clip (L)")
     p.add_argument("--resolution", type=int, default=256, help="square frame side (R)")
     p.add_argument("--stride", type=int, default=4, help="source frames between clip frames (AnimateDiff: 4)")
+    p.add_argument("--frames-format", choices=FORMATS, default=DEFAULT_FORMAT,
+                   help=f"how frames are stored (default {DEFAULT_FORMAT}): h264 = the clip as one H.264 stream, "
+                        "jpeg = a JPEG per frame, raw = lossless uint8 (about 30x and 5x the bytes of h264 and jpeg; "
+                        "docs/training.md)")
+    p.add_argument("--jpeg-quality", type=int, help=f"JPEG quality 1-100 (default {DEFAULT_JPEG_QUALITY})")
+    p.add_argument("--h264-crf", type=int, help=f"H.264 constant rate factor 0-51, lower is better (default "
+                                                f"{DEFAULT_H264_CRF})")
     p.add_argument("--layout", default=DEFAULT_LAYOUT,
                    help=f"video path under --manual-dir, a format string over CSV columns (default {DEFAULT_LAYOUT})")
-    p.add_argument("--limit", type=int, help="build only the first N rows of each CSV")
+    p.add_argument("--limit", type=int, help="build only the first N rows of each CSV (samples of each split)")
     p.add_argument("--workers", type=int, default=1, help="decoding processes (output is the same for any number)")
+    p.add_argument("--beam-runner", metavar="RUNNER",
+                   help="run the build as an Apache Beam pipeline on RUNNER (needs storydiff-jax[beam])")
+    p.add_argument("--beam-options", default="", metavar="FLAGS",
+                   help="the runner's pipeline options as one string, written with '=' since it starts with --: "
+                        "--beam-options='--direct_num_workers=4 --direct_running_mode=multi_processing' or "
+                        "--beam-options='--project=P --region=R --temp_location=gs://...'")
     p.add_argument("--overwrite", action="store_true", help="replace an existing build of the same settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
 def _features_parser(sub):
+    from .features import DEFAULT_SHARD_SIZE
+
     p = sub.add_parser("cache-features", help="the frozen encoders' outputs of a dataset, for `smp --features`",
                        description="Compute once what the train step's frozen encoders give for each clip: the VAE "
                                    "posterior's mean and log-variance of every frame, the CLIP penultimate states of "
                                    "the first and last frames, the caption's text states (plus the zero image's and "
-                                   "the empty caption's). `smp --features OUT` then trains on them; it checks that "
-                                   "frames, resolution, dtype, model and dataset match. OUT appears only when "
-                                   "complete.")
+                                   "the empty caption's), in shards of --shard-size clips, stored in the --dtype "
+                                   "(bfloat16: half the bytes). `smp --features OUT` then trains on them; it checks "
+                                   "that frames, resolution, dtype, model and dataset match. OUT is complete once its "
+                                   "manifest.json exists; a stopped run keeps its finished shards and the same "
+                                   "command resumes. With --distributed every host writes its share of the shards.")
     p.add_argument("--data-dir", required=True, help="clip folder or WebVid build")
     p.add_argument("--out", required=True, metavar="CACHE_DIR")
     _model_args(p)
@@ -111,7 +153,11 @@ def _features_parser(sub):
     p.add_argument("--resolution", type=int, default=256, help="square frame side, as the training run")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="as the training run")
     p.add_argument("--batch-size", type=int, default=8, help="clips per encoder call (over this host's devices)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing CACHE_DIR")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                   help=f"clips per shard (default {DEFAULT_SHARD_SIZE}): the unit a resumed or multi-host run "
+                        "skips or shares out")
+    _distributed_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing CACHE_DIR (or an unfinished one)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -121,24 +167,43 @@ def _cache_features(args) -> int:
         from .config import TrainConfig
         from .features import write_features
 
+        _start_distributed(args)
         cfg = TrainConfig(model=args.model or args.preset or "tiny-video", data_dir=args.data_dir,
                           frames=args.frames, resolution=args.resolution, dtype=args.dtype,
                           batch_size=args.batch_size)
-        write_features(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+        write_features(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet, shard_size=args.shard_size)
 
-    return run_command(work, interrupted="cache-features stopped; nothing was written")
+    return run_command(work, interrupted="cache-features stopped; the finished shards are kept: the same command "
+                                         "resumes")
 
 
 def _build_webvid(args) -> int:
     def work():
+        from storydiff_jax.errors import ConfigError
+
         from .webvid import build, format_summary
 
+        for flag, value, fmt in (("--jpeg-quality", args.jpeg_quality, "jpeg"), ("--h264-crf", args.h264_crf, "h264")):
+            if value is not None and args.frames_format != fmt:
+                raise ConfigError(f"{flag} applies to --frames-format {fmt}, this build is --frames-format "
+                                  f"{args.frames_format}; drop it or change the format")
+        quality = args.jpeg_quality if args.frames_format == "jpeg" else args.h264_crf
         summary = build(args.manual_dir, args.data_dir, frames=args.frames, resolution=args.resolution,
-                        stride=args.stride, layout=args.layout, limit=args.limit, workers=args.workers,
-                        overwrite=args.overwrite, progress=not args.quiet)
+                        stride=args.stride, frames_format=args.frames_format, quality=quality, layout=args.layout,
+                        limit=args.limit, workers=args.workers, beam_runner=args.beam_runner,
+                        beam_options=args.beam_options, overwrite=args.overwrite, progress=not args.quiet)
         print(format_summary(summary))
 
-    return run_command(work, interrupted="build stopped; nothing was written")
+    # A scheduler's SIGTERM stops the build as Ctrl-C does: the staged records are removed, nothing is left.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return run_command(work, interrupted="build stopped; nothing was written")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:
@@ -169,22 +234,17 @@ def main(argv=None) -> int:
                            interrupted="export stopped; nothing was written")
 
     def work():
-        from storydiff_jax.errors import ConfigError
-
         from .config import TrainConfig
-        from .loop import init_distributed, train
+        from .loop import train
 
-        if args.distributed:
-            init_distributed(args.coordinator, args.num_processes, args.process_id)
-        elif args.coordinator or args.num_processes is not None or args.process_id is not None:
-            raise ConfigError("--coordinator / --num-processes / --process-id need --distributed; add it")
+        _start_distributed(args)
         cfg = TrainConfig(model=args.model or args.preset or "tiny-video", data_dir=args.data_dir, steps=args.steps,
                           batch_size=args.batch_size, frames=args.frames, resolution=args.resolution, lr=args.lr,
                           warmup=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,
                           clip_norm=args.clip_norm, text_drop=args.text_drop, image_drop=args.image_drop,
                           freeze_motion="motion" in args.freeze, dtype=args.dtype, remat=args.remat, seed=args.seed,
-                          mesh=args.mesh, save_every=args.save_every, keep=args.keep, log_every=args.log_every,
-                          features=args.features)
+                          data_workers=args.data_workers, mesh=args.mesh, save_every=args.save_every, keep=args.keep,
+                          log_every=args.log_every, features=args.features)
         summary = train(cfg, args.workdir, progress=not args.quiet)
         if summary["preempted"]:
             raise SystemExit(143)   # 128 + SIGTERM: the scheduler sees a preempted, resumable run

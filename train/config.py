@@ -37,6 +37,7 @@ class TrainConfig:
     dtype: str = "float32"          # compute dtype; trainable (master) params stay float32
     remat: bool = False
     seed: int = 0
+    data_workers: int = 0           # grain processes reading and decoding clips (0: grain's threads, this process)
     mesh: str = "data=auto"
     save_every: int = 500
     keep: int = 3
@@ -65,6 +66,8 @@ class TrainConfig:
                                   f"{getattr(self, name)}")
         if self.clip_norm <= 0:
             raise ConfigError(f"--clip-norm must be > 0, got {self.clip_norm}")
+        if isinstance(self.data_workers, bool) or not isinstance(self.data_workers, int) or self.data_workers < 0:
+            raise ConfigError(f"--data-workers must be a whole number >= 0, got {self.data_workers!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -80,6 +83,9 @@ class TrainConfig:
         # Whether (and which) cached features feed the step; None for in-step encoders, which is also what
         # run.json files written before the cache existed give.
         d["features"] = os.path.abspath(self.features) if self.features else None
+        # grain batches within each worker, so the worker count is part of which clips each step sees; 0 is
+        # None, what run.json files written before the option existed give.
+        d["data_workers"] = self.data_workers or None
         return d
 
 

@@ -11,8 +11,9 @@ experiments write with `write_clip_folder`). `open_source` also opens a WebVid T
 TensorFlow.
 
 The pipeline (`make_loader`) is grain's DataLoader: an `IndexSampler` shuffled with a seed, sharded by
-JAX process (`ShardByJaxProcess`), endless epochs, per-host batches. Its iterator's state is saved in
-the checkpoints, so a resumed run continues with exactly the next example.
+JAX process (`ShardByJaxProcess`), endless epochs, per-host batches, read (and a WebVid build's JPEG / H.264
+frames decoded) by grain's threads in this process or by `workers` grain processes. Its iterator's state is
+saved in the checkpoints, so a resumed run continues with exactly the next example.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ VERSION = 1
 
 @runtime_checkable
 class ClipSource(Protocol):
-    """What a training data source gives (the future TFDS/array_record source implements the same)."""
+    """What a training data source gives (ClipFolderSource, webvid.WebVidSource, features.FeatureCache)."""
 
     def __len__(self) -> int: ...
 
@@ -162,7 +163,7 @@ class PrepareClip:
 
 def make_loader(source: ClipSource, *, per_host_batch: int, seed: int, num_frames: int, resolution: int,
                 tokenizer, shard: tuple[int, int] | None = None,
-                prepared: bool = False):
+                prepared: bool = False, workers: int = 0):
     """grain DataLoader: seeded shuffle, endless epochs, one shard per JAX process, per-host batches.
 
     Its iterator (`iter(loader)`) has get_state/set_state and is saved with the model
@@ -171,6 +172,8 @@ def make_loader(source: ClipSource, *, per_host_batch: int, seed: int, num_frame
     a one-process run can so assemble the global batches of a multi-host run).
     `prepared`: the records are training examples already (a feature cache, train/features.py): batched
     as they are, over the same shuffled indices.
+    `workers`: grain worker processes that read, decode (a WebVid build's JPEG / H.264 frames) and batch
+    the records; 0 reads in this process. The batches are the same for any number (grain keeps the order).
     """
     import grain
 
@@ -182,6 +185,13 @@ def make_loader(source: ClipSource, *, per_host_batch: int, seed: int, num_frame
         shard = grain.sharding.ShardOptions(shard_index=shard[0], shard_count=shard[1], drop_remainder=True)
     sampler = grain.samplers.IndexSampler(len(source), shard_options=shard, shuffle=True, num_epochs=None, seed=seed)
     prepare = PrepareClip(num_frames, resolution, tokenizer)
+    if workers:
+        from absl import flags
+
+        # grain's worker pool reads its absl flags; a program not started by absl.app has parsed none, and
+        # then every flag read raises. Their defaults are what we want.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
 
     class Prepare(grain.transforms.Map):
         def map(self, record):
@@ -190,4 +200,4 @@ def make_loader(source: ClipSource, *, per_host_batch: int, seed: int, num_frame
     return grain.DataLoader(data_source=source, sampler=sampler,
                             operations=[*([] if prepared else [Prepare()]),
                                         grain.transforms.Batch(per_host_batch, drop_remainder=True)],
-                            worker_count=0)
+                            worker_count=workers)

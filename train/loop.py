@@ -351,7 +351,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, e
     state_sh, frozen_sh, _ = trainer.shardings(mesh, state, frozen)
     frozen = put(frozen, frozen_sh)
     loader_args = dict(per_host_batch=cfg.batch_size // hosts, seed=cfg.seed, num_frames=cfg.frames,
-                       resolution=cfg.resolution, tokenizer=components.tokenizer, prepared=cache is not None)
+                       resolution=cfg.resolution, tokenizer=components.tokenizer, prepared=cache is not None,
+                       workers=cfg.data_workers)
     data = source if cache is None else cache   # cached rows: the same indices, so the same clips per step
     if emulate_processes > 1:
         iterator = EmulatedHosts([iter(make_loader(data, shard=(i, hosts), **loader_args)) for i in range(hosts)])

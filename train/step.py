@@ -384,7 +384,8 @@ class Trainer:
         """`conditioning` from cached features: the same keys, the same posterior-sample formula, the same
         dropout draws; the encoders are not in the program (frozen["features"] holds the constants)."""
         const = frozen["features"]
-        mean, logvar = batch["latent_mean"], batch["latent_logvar"]      # [B, L, h, w, C]
+        # [B, L, h, w, C]; the VAE's float32 moments (a compact cache stores them in bf16: sampled in float32)
+        mean, logvar = (batch[k].astype(jnp.float32) for k in ("latent_mean", "latent_logvar"))
         b, n_frames = mean.shape[:2]
         k_vae, k_text = jax.random.split(key)
         latents = posterior_latents(self.config.vae, mean.reshape(b * n_frames, *mean.shape[2:]),
@@ -473,7 +474,7 @@ class Trainer:
 
 # Settings that do not enter the compiled step (the learning rate is an input; see `optimizer`).
 _OUTSIDE_PROGRAM = dict(model="", data_dir="", features="", steps=1, lr=1.0, warmup=0, schedule="constant", seed=0,
-                        mesh="", save_every=1, keep=1, log_every=1)
+                        mesh="", save_every=1, keep=1, log_every=1, data_workers=0)
 _TRAINERS: dict = {}
 
 

@@ -2,21 +2,20 @@
 
 Building (`python -m train build-webvid`, or `build(...)`):
 
-    --manual-dir DIR   the CSV files WebVid publishes (columns videoid, name, page_dir, duration, contentUrl;
-                       `name` is the caption) at the top of DIR, and the videos on disk under DIR at
-                       `--layout` (a Python format string over the CSV's columns, default
-                       "videos/{page_dir}/{videoid}.mp4").
-    --data-dir OUT     the build lands in OUT/webvid/l{L}_r{R}_s{S}/1.0.0/ (one folder per setting, so builds
-                       of other frame counts / resolutions / strides never collide).
-
-Splits come from the CSV names: `*_train.csv` -> "train", `*_val.csv` / `*_validation.csv` -> "validation",
-`*_test.csv` -> "test"; a single CSV of any other name is "train"; several others are named after their
-file (lower case, non-alphanumerics -> "_").
+    --manual-dir DIR   WebVid's CSV files and the videos on disk at `--layout`, or video2dataset's webdataset
+                       tar shards (train/webvid_input.py says how each layout is read and split).
+    --data-dir OUT     the build lands in OUT/webvid/l{L}_r{R}_s{S}[_{format}]/1.0.0/ (one folder per setting,
+                       so builds of other frame counts / resolutions / strides / frame formats never collide).
 
 Each example is one clip per video: L frames `stride` apart, taken from the middle of the video (titles and
 fades sit at the ends), every frame resized so its short side is R (bicubic, antialiased) and centre-cropped
-to R x R; plus the caption and the ids. Frames are stored losslessly as a zlib-compressed uint8 tensor
-(`tfds.features.Tensor`, not `tfds.features.Video`): building and reading then need no TensorFlow.
+to R x R; plus the caption and the ids. The frames are stored as `--frames-format` says (train/clip_codec.py:
+H.264 by default, JPEG per frame, or lossless raw), always as plain bytes or zlib'd tensors, never as
+`tfds.features.Video` / `Image`: building and reading then need no TensorFlow.
+
+The per-video work (`ClipWork`: decode, sample, resize, encode) runs in this process, in `--workers`
+spawned processes, or, with `--beam-runner`, as an Apache Beam pipeline through TFDS's own Beam support
+(train/webvid_beam.py): the same examples from any of them.
 
 Videos that are missing, that PyAV cannot decode (corrupt, truncated, no video stream), that are shorter
 than (L - 1) * stride + 1 frames, or whose videoid repeats within a split are skipped; they are counted and
@@ -25,126 +24,50 @@ interrupted, leaves nothing behind: it is written beside its final place and ren
 
 Reading: `WebVidSource` (what `train.data.open_source` returns for such a folder) reads the records with
 `tfds.builder_from_directory(...).as_data_source()` (TFDS #5665: `tfds.data_source(name, data_dir=...)` can
-miss local array_record builds) and gives the ClipSource records {"id", "frames", "caption"}. It never
-imports TensorFlow.
+miss local array_record builds), decodes the frames in whatever process reads them, and gives the
+ClipSource records {"id", "frames", "caption"}. It never imports TensorFlow.
 """
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import json
 import logging
 import os
 import re
+import shlex
 import shutil
-import string
+import threading
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from storydiff_jax.errors import ConfigError
 
+from .clip_codec import DEFAULT_FORMAT, FrameCodec
+from .webvid_input import DEFAULT_LAYOUT, Item, ManualDir, count_items, open_manual_dir, read_unit, units, video_file
+
 NAME = "webvid"
 BUILD_VERSION = "1.0.0"
 SUMMARY = "webvid_build.json"            # written next to the records; also how a build folder is recognised
 SUMMARY_FORMAT = "storydiff-webvid"
-DEFAULT_LAYOUT = "videos/{page_dir}/{videoid}.mp4"
-REQUIRED_COLUMNS = ("videoid", "name")   # plus every column the layout names
 REASONS = ("missing", "corrupt", "too_short", "duplicate")
-_SPLIT_SUFFIX = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
+BEAM_ROWS_PER_UNIT = 2000                # CSV rows per Beam element (a tar shard is one element)
 _VERSION_DIR = re.compile(r"^\d+\.\d+\.\d+$")
+_OPEN_LOCK = threading.Lock()
 
 
-def config_name(frames: int, resolution: int, stride: int) -> str:
-    return f"l{frames}_r{resolution}_s{stride}"
+def config_name(frames: int, resolution: int, stride: int, codec: FrameCodec | None = None) -> str:
+    return f"l{frames}_r{resolution}_s{stride}" + (codec or FrameCodec("raw")).suffix
 
 
 def check_settings(frames: int, resolution: int, stride: int) -> None:
     for flag, value, low in (("--frames", frames, 2), ("--resolution", resolution, 8), ("--stride", stride, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"{flag} {value!r}: must be an integer >= {low}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# The manual directory: CSVs -> rows per split
-
-
-def split_name(csv_name: str, single: bool) -> str:
-    stem = os.path.splitext(csv_name)[0].lower()
-    suffix = stem.rsplit("_", 1)[-1]
-    if suffix in _SPLIT_SUFFIX and "_" in stem:
-        return _SPLIT_SUFFIX[suffix]
-    return "train" if single else re.sub(r"[^a-z0-9]+", "_", stem).strip("_") or "train"
-
-
-def layout_fields(layout: str) -> list[str]:
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(layout) if f is not None]
-    except ValueError as e:
-        raise ConfigError(f"--layout {layout!r}: not a format string ({e}); e.g. {DEFAULT_LAYOUT!r}") from None
-    if not fields or any(not f.isidentifier() for f in fields):
-        raise ConfigError(f"--layout {layout!r}: name CSV columns in braces, e.g. {DEFAULT_LAYOUT!r}")
-    return fields
-
-
-def csv_splits(manual_dir: str, layout: str) -> dict[str, str]:
-    """{split: CSV path} of `manual_dir`, each CSV's header checked against the columns the build needs."""
-    if not os.path.isdir(manual_dir):
-        raise ConfigError(f"--manual-dir {manual_dir}: no such folder; download WebVid's CSVs and videos into it")
-    csvs = sorted(n for n in os.listdir(manual_dir) if n.lower().endswith(".csv")
-                  and os.path.isfile(os.path.join(manual_dir, n)))
-    if not csvs:
-        raise ConfigError(f"--manual-dir {manual_dir}: no .csv file; put WebVid's results_*_train.csv (columns "
-                          "videoid, name, page_dir, duration, contentUrl) there")
-    fields = layout_fields(layout)
-    needed = list(dict.fromkeys(REQUIRED_COLUMNS + tuple(fields)))
-    splits: dict[str, str] = {}
-    for name in csvs:
-        split = split_name(name, single=len(csvs) == 1)
-        if split in splits:
-            raise ConfigError(f"--manual-dir {manual_dir}: {os.path.basename(splits[split])} and {name} both give "
-                              f"split {split!r}; move one of them out")
-        path = splits[split] = os.path.join(manual_dir, name)
-        header = next(_csv_records(path), [])
-        missing = [c for c in needed if c not in header]
-        if missing:
-            raise ConfigError(f"{path}: no column {', '.join(missing)} (it has: {', '.join(header) or 'none'}); "
-                              f"WebVid's CSVs have videoid, name, page_dir, duration, contentUrl"
-                              + (f", and --layout {layout!r} needs {', '.join(fields)}" if fields else ""))
-    return splits
-
-
-def _csv_records(path: str) -> Iterator[list[str]]:
-    """The CSV's records (the header first, stripped), read lazily: WebVid-10M's train CSV has 10.7M rows."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            for i, record in enumerate(reader):
-                yield [h.strip() for h in record] if i == 0 else record
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise ConfigError(f"{path}: cannot be read as a CSV ({_first_line(e)}); re-download it") from None
-
-
-def csv_rows(path: str, manual_dir: str, layout: str, limit: int | None = None) -> Iterator[dict]:
-    """{"videoid", "page_dir", "caption", "path"} per row of a CSV checked by `csv_splits`, in file order."""
-    records = _csv_records(path)
-    header = next(records, [])
-    for n, record in enumerate(records):
-        if limit is not None and n >= limit:
-            break
-        row = dict(zip(header, record))
-        values = {k: (row.get(k) or "").strip() for k in header}
-        yield {"videoid": values["videoid"], "page_dir": values.get("page_dir", ""), "caption": row.get("name") or "",
-               "path": os.path.join(manual_dir, layout.format(**values))}
-
-
-def count_rows(path: str, limit: int | None = None) -> int:
-    n = sum(1 for _ in _csv_records(path)) - 1
-    return max(0, n if limit is None else min(n, limit))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,15 +107,16 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def sample_clip(path: str, frames: int, stride: int, resolution: int) -> tuple[np.ndarray, int, int]:
-    """(uint8 [L, R, R, 3], first source frame, source frame count) of the video at `path`; raises Skip."""
+def sample_clip(video: str | bytes, frames: int, stride: int, resolution: int) -> tuple[np.ndarray, int, int]:
+    """(uint8 [L, R, R, 3], first source frame, source frame count) of a video (a path, or the file's bytes);
+    raises Skip."""
     import av
 
-    if not os.path.isfile(path):
+    if isinstance(video, str) and not os.path.isfile(video):
         raise Skip("missing", "no such file")
     span = clip_span(frames, stride)
     try:
-        with av.open(path) as container:
+        with av.open(video_file(video)) as container:
             if not container.streams.video:
                 raise Skip("corrupt", "no video stream")
             stream = container.streams.video[0]
@@ -222,13 +146,35 @@ def sample_clip(path: str, frames: int, stride: int, resolution: int) -> tuple[n
     return np.stack(clip), start, total
 
 
-def _sample_row(row: dict, frames: int, stride: int, resolution: int):
-    """Worker-side: ("ok", clip, start, total) or ("skip", reason, detail)."""
-    try:
-        clip, start, total = sample_clip(row["path"], frames, stride, resolution)
-    except Skip as s:
-        return ("skip", s.reason, s.detail)
-    return ("ok", clip, start, total)
+@dataclass(frozen=True)
+class ClipWork:
+    """The per-video work of a build, the same in every worker and runner: decode the video, sample the
+    clip, resize and crop, encode the frames. Returns ("ok", stored frames, start, total) or
+    ("skip", reason, detail); a small frozen value, so it pickles into worker processes and Beam workers."""
+
+    frames: int
+    stride: int
+    resolution: int
+    codec: FrameCodec
+
+    def __call__(self, item: Item) -> tuple:
+        if item.problem is not None:
+            return ("skip", *item.problem)
+        try:
+            clip, start, total = sample_clip(item.video, self.frames, self.stride, self.resolution)
+        except Skip as s:
+            return ("skip", s.reason, s.detail)
+        return ("ok", self.codec.encode(clip), start, total)
+
+    def example(self, item: Item, result: tuple) -> dict:
+        _, stored, start, total = result
+        return {self.codec.field: stored, "caption": item.caption, "videoid": item.videoid,
+                "page_dir": item.page_dir, "start_frame": start, "source_frames": total}
+
+
+def skip_entry(item: Item, reason: str, detail: str) -> dict:
+    """A skip report entry; `_position` orders the report (removed when the summary is written)."""
+    return {**item.named(), "reason": reason, "detail": detail, "_position": list(item.position)}
 
 
 def _ordered_map(fn, items: Iterable, workers: int) -> Iterator[tuple]:
@@ -260,12 +206,12 @@ def _ordered_map(fn, items: Iterable, workers: int) -> Iterator[tuple]:
 
 @dataclass
 class BuildReport:
-    rows: int = 0
     built: int = 0
-    skipped: list = None
+    skipped: list = field(default_factory=list)
 
-    def __post_init__(self):
-        self.skipped = [] if self.skipped is None else self.skipped
+    @property
+    def rows(self) -> int:
+        return self.built + len(self.skipped)
 
 
 @functools.cache
@@ -280,34 +226,43 @@ def builder_class():
         frames: int = 16
         resolution: int = 256
         stride: int = 4
+        frames_format: str = DEFAULT_FORMAT
+        quality: int | None = None
 
     class WebVid(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         # skip_registration: TFDS's own catalog has an unrelated `webvid` builder (JPEG frames through
         # tfds.features.Video, which needs TensorFlow); ours is only ever used through this class.
         name = NAME
         VERSION = tfds.core.Version(BUILD_VERSION)
-        RELEASE_NOTES = {BUILD_VERSION: "L frames at stride S from the middle of each video, R x R, "
-                                        "zlib uint8 tensor."}
-        BUILDER_CONFIGS = [WebVidConfig(name=config_name(16, 256, 4), description="AnimateDiff's setting")]
+        RELEASE_NOTES = {BUILD_VERSION: "L frames at stride S from the middle of each video, R x R; frames raw "
+                                        "(zlib uint8 tensor), JPEG per frame or one H.264 stream."}
+        BUILDER_CONFIGS = [WebVidConfig(name=config_name(16, 256, 4, FrameCodec()), description="AnimateDiff's "
+                                        "setting")]
         MANUAL_DOWNLOAD_INSTRUCTIONS = (
             "Put WebVid's CSVs (results_*_train.csv, results_*_val.csv) in the manual dir and the videos under it "
-            f"at the layout (default {DEFAULT_LAYOUT}).")
+            f"at the layout (default {DEFAULT_LAYOUT}), or video2dataset's tar shards.")
 
         def __init__(self, *, layout: str = DEFAULT_LAYOUT, limit: int | None = None, workers: int = 1,
-                     progress: bool = True, **kwargs):
+                     progress: bool = True, beam_side_dir: str | None = None, **kwargs):
             self.layout, self.limit, self.workers, self.progress = layout, limit, workers, progress
+            self.beam_side_dir = beam_side_dir   # set: the splits are Beam transforms; skip reports land there
             self.reports: dict[str, BuildReport] = {}
+            self.manual: ManualDir | None = None
             self.failure: ConfigError | None = None   # what stopped the build, as our one-line error
             super().__init__(**kwargs)
 
-        def _info(self):
+        @property
+        def work(self) -> ClipWork:
             c = self.builder_config
+            return ClipWork(c.frames, c.stride, c.resolution, FrameCodec(c.frames_format, c.quality))
+
+        def _info(self):
+            c, codec = self.builder_config, self.work.codec
             return tfds.core.DatasetInfo(
                 builder=self,
                 description="WebVid clips for training StoryDiffusion's Semantic Motion Predictor.",
                 features=tfds.features.FeaturesDict({
-                    "frames": tfds.features.Tensor(shape=(c.frames, c.resolution, c.resolution, 3), dtype=np.uint8,
-                                                   encoding=tfds.features.Encoding.ZLIB),
+                    codec.field: codec.feature(c.frames, c.resolution),
                     "caption": tfds.features.Text(),
                     "videoid": tfds.features.Text(),
                     "page_dir": tfds.features.Text(),
@@ -333,17 +288,20 @@ def builder_class():
             pass
 
         def _split_generators(self, dl_manager):
-            manual_dir = os.fspath(dl_manager.manual_dir)
-            splits = csv_splits(manual_dir, self.layout)
-            sizes = {split: count_rows(path, self.limit) for split, path in splits.items()}
+            md = self.manual = open_manual_dir(os.fspath(dl_manager.manual_dir), self.layout)
+            if self.beam_side_dir is not None:
+                from .webvid_beam import build_split
+
+                return {split: build_split(split, units(md, split, self.limit, BEAM_ROWS_PER_UNIT), md, self.work,
+                                           self.beam_side_dir) for split in md.splits}
+            sizes = {split: count_items(md, split, self.limit) for split in md.splits}
             # TFDS cannot write an empty split, so a split that builds nothing fails the build: the small
             # splits go first, so that a broken validation CSV fails before hours of training videos.
-            return {split: self._generate_examples(split, manual_dir, splits[split], sizes[split])
-                    for split in sorted(splits, key=sizes.get)}
+            return {split: self._generate_examples(split, md, sizes[split]) for split in sorted(md.splits,
+                                                                                               key=sizes.get)}
 
-        def _generate_examples(self, split, manual_dir, path, rows):
-            c = self.builder_config
-            report = self.reports.setdefault(split, BuildReport(rows=rows))
+        def _generate_examples(self, split: str, md: ManualDir, rows: int):
+            report = self.reports.setdefault(split, BuildReport())
             bar = None
             if self.progress:
                 from tqdm import tqdm
@@ -351,89 +309,119 @@ def builder_class():
                 bar = tqdm(total=rows, desc=f"webvid {split}", unit="video", leave=True)
             seen = set()
 
-            def unique_rows():
-                for row in csv_rows(path, manual_dir, self.layout, self.limit):
-                    if row["videoid"] and row["videoid"] not in seen:
-                        seen.add(row["videoid"])
-                        yield row
-                        continue
-                    report.skipped.append({**_named(row), "reason": "duplicate", "detail":
-                                           "videoid repeats in this split" if row["videoid"] else "empty videoid"})
-                    if bar is not None:
-                        bar.update(1)
+            def unique_items():
+                for unit in units(md, split, self.limit):
+                    for item in read_unit(unit, md.path, md.layout):
+                        if item.problem is not None:   # skipped for its own reason, whatever its id
+                            yield item
+                            continue
+                        if item.videoid and item.videoid not in seen:
+                            seen.add(item.videoid)
+                            yield item
+                            continue
+                        report.skipped.append(skip_entry(item, "duplicate", "videoid repeats in this split"
+                                                         if item.videoid else "empty videoid"))
+                        if bar is not None:
+                            bar.update(1)
 
-            sample = functools.partial(_sample_row, frames=c.frames, stride=c.stride, resolution=c.resolution)
+            work = self.work
             try:
-                for row, result in _ordered_map(sample, unique_rows(), self.workers):
+                for item, result in _ordered_map(work, unique_items(), self.workers):
                     if bar is not None:
                         bar.update(1)
                     if result[0] == "skip":
-                        report.skipped.append({**_named(row), "reason": result[1], "detail": result[2]})
+                        report.skipped.append(skip_entry(item, result[1], result[2]))
                         continue
                     report.built += 1
                     if bar is not None:
                         bar.set_postfix(built=report.built, skipped=len(report.skipped), refresh=False)
-                    _, clip, start, total = result
-                    yield row["videoid"], {"frames": clip, "caption": row["caption"], "videoid": row["videoid"],
-                                           "page_dir": row["page_dir"], "start_frame": start, "source_frames": total}
+                    yield item.videoid, work.example(item, result)
             except ConfigError as e:   # a CSV that breaks mid-way
                 self.failure = e
                 raise
             finally:
                 if bar is not None:
                     bar.close()
+            self._check_built(split, md)
+
+        def _check_built(self, split: str, md: ManualDir):
+            report = self.reports.get(split) or BuildReport()
             if report.built == 0:
                 self.failure = ConfigError(
-                    f"nothing buildable in --manual-dir {manual_dir}"
-                    + (f" for split {split!r} ({os.path.basename(path)})" if split != "train" else "")
-                    + f": {_nothing_built(report)}; check --layout {self.layout!r} and the videos")
+                    f"nothing buildable in --manual-dir {md.path}"
+                    + (f" for split {split!r} ({_split_input(md, split)})" if split != "train" else "")
+                    + f": {_nothing_built(report)}; check "
+                    + (f"--layout {self.layout!r} and " if md.kind == "csv" else "") + "the videos")
                 raise self.failure   # TFDS re-raises it wrapped; _prepare raises self.failure itself
+
+        def _process_pipeline_result(self, pipeline_result):
+            """After the Beam pipeline: the skip reports (its side output) and built counts (its counters)."""
+            from .webvid_beam import collect_reports
+
+            md = self.manual
+            self.reports = collect_reports(pipeline_result, self.beam_side_dir, list(md.splits))
+            for split in sorted(md.splits, key=lambda s: self.reports[s].rows):
+                self._check_built(split, md)
 
     return WebVid
 
 
-def _named(row: dict) -> dict:
-    return {"videoid": row["videoid"], "page_dir": row["page_dir"], "path": row["path"]}
+def _split_input(md: ManualDir, split: str) -> str:
+    paths = md.splits[split]
+    return os.path.basename(paths[0]) if md.kind == "csv" else f"{len(paths)} tar shards"
 
 
-def build_dir(data_dir: str, frames: int, resolution: int, stride: int) -> str:
-    return os.path.join(os.path.abspath(data_dir), NAME, config_name(frames, resolution, stride), BUILD_VERSION)
+def build_dir(data_dir: str, frames: int, resolution: int, stride: int, codec: FrameCodec | None = None) -> str:
+    return os.path.join(os.path.abspath(data_dir), NAME, config_name(frames, resolution, stride, codec),
+                        BUILD_VERSION)
 
 
 def build(manual_dir: str, data_dir: str, *, frames: int = 16, resolution: int = 256, stride: int = 4,
-          layout: str = DEFAULT_LAYOUT, limit: int | None = None, workers: int = 1, overwrite: bool = False,
-          progress: bool = True) -> dict:
+          frames_format: str = DEFAULT_FORMAT, quality: int | None = None, layout: str = DEFAULT_LAYOUT,
+          limit: int | None = None, workers: int = 1, beam_runner: str | None = None, beam_options: str = "",
+          overwrite: bool = False, progress: bool = True) -> dict:
     """Build the `webvid` dataset; returns the summary (also written as `webvid_build.json` in the build).
 
     All or nothing: records are written in a temporary folder beside the final one, which replaces it only
-    when at least one example was built. Input problems are one-line ConfigErrors raised before anything is
-    written.
+    when every split built at least one example. Input problems are one-line ConfigErrors raised before
+    anything is written. `beam_runner` (e.g. "DirectRunner", "DataflowRunner") runs the per-video work as an
+    Apache Beam pipeline with `beam_options` (its command-line flags as one string).
     """
     check_settings(frames, resolution, stride)
+    codec = FrameCodec(frames_format, quality)
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit {limit}: must be >= 1 (or leave it out to build every row)")
     if workers < 1:
         raise ConfigError(f"--workers {workers}: must be >= 1")
-    manual_dir = os.path.abspath(manual_dir)
+    if beam_runner:
+        if workers > 1:
+            raise ConfigError(f"--workers {workers} with --beam-runner: the runner decides the workers; e.g. "
+                              "--beam-options '--direct_num_workers=4 --direct_running_mode=multi_processing'")
+        _check_beam(beam_runner, beam_options)
+    elif beam_options:
+        raise ConfigError("--beam-options needs --beam-runner (e.g. --beam-runner DirectRunner); add it")
     # Checked here too (headers, one row): input errors come before anything is created.
-    splits = csv_splits(manual_dir, layout)
-    if not any(next(csv_rows(p, manual_dir, layout), None) for p in splits.values()):
-        raise ConfigError(f"--manual-dir {manual_dir}: the CSVs have no rows; nothing to build")
-    final = build_dir(data_dir, frames, resolution, stride)
+    md = open_manual_dir(manual_dir, layout)
+    if not any(next(read_unit(u, md.path, layout), None) for s in md.splits for u in units(md, s, limit)):
+        raise ConfigError(f"--manual-dir {md.path}: the {'CSVs' if md.kind == 'csv' else 'tar shards'} have no "
+                          "rows; nothing to build")
+    final = build_dir(data_dir, frames, resolution, stride, codec)
+    name = config_name(frames, resolution, stride, codec)
     if os.path.exists(final) and not overwrite:
-        raise ConfigError(f"--data-dir {data_dir}: already holds a {config_name(frames, resolution, stride)} build "
-                          f"({final}); pass --overwrite to rebuild it, or another --data-dir")
+        raise ConfigError(f"--data-dir {data_dir}: already holds a {name} build ({final}); pass --overwrite to "
+                          "rebuild it, or another --data-dir")
     if os.path.exists(data_dir) and not os.path.isdir(data_dir):
         raise ConfigError(f"--data-dir {data_dir}: exists and is not a folder; choose another --data-dir")
 
     from storydiff_jax.outputs import staged_folder
 
     created = [d for d in (os.path.dirname(os.path.dirname(final)), os.path.dirname(final)) if not os.path.exists(d)]
-    settings = dict(frames=frames, resolution=resolution, stride=stride, layout=layout, limit=limit,
-                    manual_dir=manual_dir)
+    settings = dict(frames=frames, resolution=resolution, stride=stride, frames_format=codec.describe(),
+                    layout=layout, limit=limit, manual_dir=md.path, input=md.kind,
+                    runner=beam_runner or ("local" if workers == 1 else f"local, {workers} workers"))
     try:
         with staged_folder(final) as tmp:
-            summary = _prepare(tmp, settings, workers, progress)
+            summary = _prepare(tmp, settings, codec, workers, progress, beam_runner, beam_options)
     except BaseException:
         for d in reversed(created):   # a failed first build leaves no empty webvid/<config> folders either
             if os.path.isdir(d) and not os.listdir(d):
@@ -443,29 +431,60 @@ def build(manual_dir: str, data_dir: str, *, frames: int = 16, resolution: int =
     return summary
 
 
-def _prepare(tmp: str, settings: dict, workers: int, progress: bool) -> dict:
+def _check_beam(beam_runner: str, beam_options: str) -> None:
+    try:
+        from apache_beam.runners.runner import create_runner
+    except ImportError:
+        raise ConfigError("--beam-runner needs Apache Beam: pip install 'storydiff-jax[beam]' (or apache-beam), "
+                          "or build without --beam-runner") from None
+    try:
+        create_runner(beam_runner)
+    except ValueError as e:
+        raise ConfigError(f"--beam-runner {beam_runner}: {_first_line(e)}") from None
+    try:
+        shlex.split(beam_options)
+    except ValueError as e:
+        raise ConfigError(f"--beam-options {beam_options!r}: not a command line ({e}); quote it like a shell "
+                          "would") from None
+
+
+def _prepare(tmp: str, settings: dict, codec: FrameCodec, workers: int, progress: bool, beam_runner: str | None,
+             beam_options: str) -> dict:
     """Run TFDS's download_and_prepare into `tmp` and flatten its version folder into `tmp`; the summary."""
     import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()   # our own bar counts videos; TFDS's would count records and shards again
     cls = builder_class()
     dims = {k: settings[k] for k in ("frames", "resolution", "stride")}
-    name = config_name(**dims)
+    name = config_name(**dims, codec=codec)
     # TFDS refuses a new config object named like one of BUILDER_CONFIGS: reuse that one.
     config = next((c for c in cls.BUILDER_CONFIGS if c.name == name), None) or type(cls.BUILDER_CONFIGS[0])(
-        name=name, **dims)
+        name=name, **dims, frames_format=codec.format, quality=codec.quality)
+    side_dir = os.path.join(tmp, "beam-skipped") if beam_runner else None
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.ERROR)   # TFDS warns that a config not in BUILDER_CONFIGS is "custom": ours all are
     try:
         builder = cls(config=config, data_dir=tmp, file_format="array_record", layout=settings["layout"],
-                      limit=settings["limit"], workers=workers, progress=progress)
+                      limit=settings["limit"], workers=workers, progress=progress, beam_side_dir=side_dir)
     finally:
         absl.setLevel(level)
+    download_config = tfds.download.DownloadConfig(manual_dir=settings["manual_dir"])
+    if beam_runner:
+        from apache_beam.options.pipeline_options import PipelineOptions
+
+        download_config = tfds.download.DownloadConfig(manual_dir=settings["manual_dir"], beam_runner=beam_runner,
+                                                       beam_options=PipelineOptions(shlex.split(beam_options)))
     try:
-        builder.download_and_prepare(download_dir=os.path.join(tmp, "downloads"),
-                                     download_config=tfds.download.DownloadConfig(manual_dir=settings["manual_dir"]))
-    except Exception:
+        builder.download_and_prepare(download_dir=os.path.join(tmp, "downloads"), download_config=download_config)
+    except Exception as e:
+        # TFDS's Beam writer refuses an empty split inside the pipeline, before the skip reports are back.
+        empty = re.search(r"generated examples is 0 for split (\S+?)\.? This", str(e)) if beam_runner else None
+        if builder.failure is None and empty:
+            md = builder.manual
+            raise ConfigError(f"nothing buildable in --manual-dir {md.path} for split {empty.group(1)!r} "
+                              f"({_split_input(md, empty.group(1))}): the pipeline skipped every video of it; a "
+                              "build without --beam-runner (--limit N for a quick look) names them") from None
         if builder.failure is None:
             raise
         raise builder.failure from None
@@ -474,7 +493,7 @@ def _prepare(tmp: str, settings: dict, workers: int, progress: bool) -> dict:
     made = os.fspath(builder.data_dir)
     for name in os.listdir(made):
         os.replace(os.path.join(made, name), os.path.join(tmp, name))
-    for name in (NAME, "downloads"):
+    for name in (NAME, "downloads", "beam-skipped"):
         shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
     with open(os.path.join(tmp, SUMMARY), "w") as f:
         json.dump(summary, f, indent=1)
@@ -486,26 +505,32 @@ def _summary(reports: dict, settings: dict) -> dict:
     for split, r in sorted(reports.items(), key=lambda kv: (kv[0] != "train", kv[0])):
         counts = Counter(s["reason"] for s in r.skipped)
         splits[split] = {"rows": r.rows, "built": r.built, "skipped": {k: counts[k] for k in REASONS if counts[k]}}
-        skipped += [{"split": split, **s} for s in r.skipped]
+        # In the order of the input, whichever worker or runner met them first.
+        skipped += [{"split": split, **{k: v for k, v in s.items() if k != "_position"}}
+                    for s in sorted(r.skipped, key=lambda s: s["_position"])]
     dims = {k: settings[k] for k in ("frames", "resolution", "stride")}
-    return {"format": SUMMARY_FORMAT, "version": 1, "name": NAME, "config": config_name(**dims), **settings,
-            "sampling": "middle", "rows": sum(s["rows"] for s in splits.values()),
+    codec = FrameCodec(settings["frames_format"]["format"], settings["frames_format"].get("quality"))
+    return {"format": SUMMARY_FORMAT, "version": 1, "name": NAME, "config": config_name(**dims, codec=codec),
+            **settings, "sampling": "middle", "rows": sum(s["rows"] for s in splits.values()),
             "built": sum(s["built"] for s in splits.values()), "splits": splits, "skipped": skipped}
 
 
 def _nothing_built(report: BuildReport) -> str:
     """'N missing, M corrupt of K videos skipped (e.g. PATH: reason, detail)' for an empty split."""
     counts = Counter(s["reason"] for s in report.skipped)
-    first = report.skipped[0] if report.skipped else None
+    first = min(report.skipped, key=lambda s: s["_position"]) if report.skipped else None
     return (", ".join(f"{counts[k]} {k}" for k in REASONS if counts[k]) or "none") + f" of {report.rows} videos " \
         f"skipped (e.g. " + (f"{first['path']}: {first['reason']}, {first['detail']}" if first else "no rows") + ")"
 
 
 def format_summary(summary: dict, names: int = 20) -> str:
     """The build's summary as text: counts per split, then the skipped videos by reason (first `names` each)."""
+    codec = FrameCodec.from_summary(summary)
+    stored = codec.format + ("" if codec.quality is None else f" {'q' if codec.format == 'jpeg' else 'crf '}"
+                                                               f"{codec.quality}")
     lines = [f"built {summary['built']} of {summary['rows']} videos into {summary.get('path', '')} "
              f"({summary['config']}: {summary['frames']} frames at stride {summary['stride']}, "
-             f"{summary['resolution']}x{summary['resolution']})"]
+             f"{summary['resolution']}x{summary['resolution']}, {stored} frames)"]
     for split, s in summary["splits"].items():
         skipped = ", ".join(f"{n} {k}" for k, n in s["skipped"].items()) or "none"
         lines.append(f"  {split}: {s['built']} built of {s['rows']}; skipped: {skipped}")
@@ -578,7 +603,8 @@ class WebVidSource:
     """A `webvid` build's split as a ClipSource: {"id": videoid, "frames": uint8 [L, R, R, 3], "caption"}.
 
     Records are read through TFDS's array_record data source (no TensorFlow), opened on first access, so
-    the source pickles cheaply into grain worker processes.
+    the source pickles cheaply into grain worker processes, where the frames are then decoded (JPEG, H.264)
+    too.
     """
 
     def __init__(self, data_dir: str, *, split: str = "train", frames: int | None = None,
@@ -586,6 +612,7 @@ class WebVidSource:
         self.folder = choose_build(data_dir, frames, resolution)
         summary = _read_summary(self.folder)
         self.frames, self.resolution, self.stride = summary["frames"], summary["resolution"], summary["stride"]
+        self.codec = FrameCodec.from_summary(summary)   # builds older than frame formats are raw
         if frames is not None or resolution is not None:
             self.check_run(frames if frames is not None else self.frames,
                            resolution if resolution is not None else self.resolution)
@@ -606,10 +633,13 @@ class WebVidSource:
 
     @property
     def records(self):
-        if self._records is None:
-            import tensorflow_datasets as tfds
+        # grain's read threads in a fresh worker process all arrive here first: one opens the records while
+        # the others wait (concurrent first imports of TFDS deadlock on Python's import locks).
+        with _OPEN_LOCK:
+            if self._records is None:
+                import tensorflow_datasets as tfds
 
-            self._records = tfds.builder_from_directory(self.folder).as_data_source(split=self.split)
+                self._records = tfds.builder_from_directory(self.folder).as_data_source(split=self.split)
         return self._records
 
     def __len__(self) -> int:
@@ -617,7 +647,8 @@ class WebVidSource:
 
     def __getitem__(self, index: int) -> dict:
         r = self.records[int(index)]
-        return {"id": _text(r["videoid"]), "frames": r["frames"], "caption": _text(r["caption"]),
+        frames = self.codec.decode(r[self.codec.field], self.frames, self.resolution)
+        return {"id": _text(r["videoid"]), "frames": frames, "caption": _text(r["caption"]),
                 "page_dir": _text(r["page_dir"])}
 
     def fingerprint(self) -> str:
