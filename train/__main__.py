@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from storydiff_jax import compile_cache
 from storydiff_jax.cli import run_command
 
 DESCRIPTION = """\
@@ -69,6 +70,7 @@ def _smp_parser(sub):
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
     p.add_argument("--quiet", action="store_true", help="no progress bar; metrics as log lines")
+    compile_cache.add_argument(p)
     return p
 
 
@@ -113,6 +115,7 @@ def _features_parser(sub):
     p.add_argument("--batch-size", type=int, default=8, help="clips per encoder call (over this host's devices)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing CACHE_DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    compile_cache.add_argument(p)
     return p
 
 
@@ -121,6 +124,7 @@ def _cache_features(args) -> int:
         from .config import TrainConfig
         from .features import write_features
 
+        compile_cache.enable(args.compile_cache)
         cfg = TrainConfig(model=args.model or args.preset or "tiny-video", data_dir=args.data_dir,
                           frames=args.frames, resolution=args.resolution, dtype=args.dtype,
                           batch_size=args.batch_size)
@@ -174,6 +178,7 @@ def main(argv=None) -> int:
         from .config import TrainConfig
         from .loop import init_distributed, train
 
+        compile_cache.enable(args.compile_cache)
         if args.distributed:
             init_distributed(args.coordinator, args.num_processes, args.process_id)
         elif args.coordinator or args.num_processes is not None or args.process_id is not None:
