@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 
 OUTPUTS = """outputs:
@@ -185,7 +184,7 @@ def run(args: argparse.Namespace, log=print, *, pipe=None, listener=None) -> str
 
 def _write(out: str, kind: str, video, fps: float, manifest: dict, write_video) -> None:
     """Video + manifest, both or neither: temporary names first, renamed at the end."""
-    from storydiff_jax.outputs import staged_folder
+    from storydiff_jax.outputs import staged_folder, staging_file
 
     if kind == "folder":
         with staged_folder(out) as tmp:
@@ -200,7 +199,7 @@ def _write(out: str, kind: str, video, fps: float, manifest: dict, write_video) 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     manifest_path = os.path.splitext(out)[0] + ".json"
-    fd, tmp_manifest = tempfile.mkstemp(prefix=".transition-", suffix=".json.partial", dir=parent)
+    fd, tmp_manifest = staging_file(parent, ".transition-", ".json.partial")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(manifest, f, indent=2)

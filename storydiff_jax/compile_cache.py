@@ -38,9 +38,10 @@ def default_folder() -> str:
 
 
 def add_argument(parser: argparse.ArgumentParser) -> None:
+    shown = default_folder().replace(os.path.expanduser("~"), "~")
     parser.add_argument("--compile-cache", metavar="DIR|off", default=None,
                         help="keep compiled programs in DIR, so the next run with the same settings starts at once; "
-                             f"'off' compiles afresh (default: {default_folder().replace(os.path.expanduser('~'), '~')})")
+                             f"'off' compiles afresh (default: {shown})")
 
 
 def enable(setting: str | None) -> str | None:

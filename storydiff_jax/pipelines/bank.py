@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 
 import jax
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import ConfigError
+from ..outputs import staging_file
 
 _COMPAT_KEYS = ("model", "height", "width", "steps", "sampler")
 
@@ -94,7 +94,7 @@ class CharacterBank:
         arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".bank-", suffix=".npz", dir=folder)
+        fd, tmp = staging_file(folder, ".bank-", ".npz")
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)
