@@ -197,17 +197,16 @@ class StoryPipeline(Pipeline):
         bank: characters from an earlier run (`CharacterBank.load`): they need no id panels. progress: console
         bars (True), none (False), or a `Progress` of your own (e.g. with a listener).
         """
-        o = options
         # 1. Check the inputs; parse the story (characters of a loaded bank need no id panels).
-        story = self.check_inputs(story, o, bank)
+        story = self.check_inputs(story, options, bank)
         # 2. Every panel's styled prompt and negative prompt, encoded: the conditioning rows.
-        conditioning = self.encode_story(story, o)
+        conditioning = self.encode_story(story, options)
         # 3. The run's constants: sampler, CSA layout, noise, time ids, guidance, progress.
-        run = self.prepare_run(story, o, conditioning, progress)
+        run = self.prepare_run(story, options, conditioning, progress)
         # 4. Denoise: id panels write their characters' banks and the other panels read them, or sliding windows.
         timings: dict[str, float] = {}
         new_bank = None
-        if o.mode == "bank":
+        if options.mode == "bank":
             with timed(timings, "write_s"):
                 latents, new_bank = self._write_phase(run)
             with timed(timings, "read_s"):
@@ -221,7 +220,8 @@ class StoryPipeline(Pipeline):
         with timed(timings, "decode_s"):
             panels = self._decode(run, ordered)
         # 6. Typeset the comic pages.
-        pages = typeset(panels, [p.caption for p in story.panels], o.layout, seed=o.seed, font_path=o.font)
+        pages = typeset(panels, [p.caption for p in story.panels], options.layout, seed=options.seed,
+                        font_path=options.font)
         info = {"timings": timings, "id_length": story.id_length, "layer_tokens": list(run.layout.tokens)}
         return StoryResult(panels, pages, story, new_bank, np.stack([np.asarray(x, np.float32) for x in ordered]),
                            info)
@@ -252,17 +252,17 @@ class StoryPipeline(Pipeline):
 
     def prepare_run(self, story: Story, options: StoryOptions, conditioning: Conditioning,
                     progress: bool | Progress = False) -> StoryRun:
-        o = options
-        sampler = make_sampler(o.sampler, self.config.scheduler, o.steps)
-        latent_hw = (o.height // self.config.vae.downscale, o.width // self.config.vae.downscale)
-        key = jax.random.key(o.seed)
+        sampler = make_sampler(options.sampler, self.config.scheduler, options.steps)
+        latent_hw = (options.height // self.config.vae.downscale, options.width // self.config.vae.downscale)
+        key = jax.random.key(options.seed)
         # The official code reseeds before each pipeline call: every run starts from the same noise.
         shape = (max(story.id_length, 1), *latent_hw, self.config.unet.in_channels)
         noise = jax.random.normal(key, shape, jnp.float32) * sampler.init_noise_sigma
-        return StoryRun(story, o, sampler, csa.csa_layout(self.config.unet, latent_hw), FreeU() if o.freeu else None,
-                        conditioning, noise, time_ids=jnp.asarray([[o.height, o.width, 0, 0, o.height, o.width]],
-                                                                  jnp.float32),
-                        guidance=jnp.float32(o.guidance), key=key, progress=as_progress(progress))
+        size = [options.height, options.width]
+        return StoryRun(story, options, sampler, csa.csa_layout(self.config.unet, latent_hw),
+                        FreeU() if options.freeu else None, conditioning, noise,
+                        time_ids=jnp.asarray([size + [0, 0] + size], jnp.float32),
+                        guidance=jnp.float32(options.guidance), key=key, progress=as_progress(progress))
 
     # ------------------------------------------------------------------ text
     def encode_prompts(self, prompts: list[str]) -> tuple[jax.Array, jax.Array | None]:
@@ -293,46 +293,47 @@ class StoryPipeline(Pipeline):
     # ------------------------------------------------------------------ phases
     def _write_phase(self, run: StoryRun) -> tuple[dict[int, jax.Array], CharacterBank]:
         """Each character's id panels denoised together (CSA write): their latents and the characters' bank."""
-        o, story, layout = run.options, run.story, run.layout
+        options, story, layout = run.options, run.story, run.layout
         names = list(story.id_panels)            # characters to write (those of a loaded bank are not)
-        schedules = csa.draw_write_schedules(o.seed, len(names), run.noise.shape[0], o.steps, list(layout.tokens),
-                                             run.image_hw, o.csa())
+        schedules = csa.draw_write_schedules(options.seed, len(names), run.noise.shape[0], options.steps,
+                                             list(layout.tokens), run.image_hw, options.csa())
         capacity = {L: schedules[0].index[L].shape[1] if schedules else 1 for L in layout.tokens}
         # Per layer [steps, characters, 2 (CFG halves), K_L, C], filled in place one character and step at a time.
-        bank = tuple(jnp.zeros((o.steps, len(names), 2, capacity[L], width), self.components.dtype,
+        bank = tuple(jnp.zeros((options.steps, len(names), 2, capacity[L], width), self.components.dtype,
                                device=replicated(self.mesh)) for L, width in zip(layout.tokens, layout.widths))
         write = self._program(self._write_program, run.sampler, layout.tokens, run.freeu)
         latents = {}
         for char, name in enumerate(names):
             panels, s = story.id_panels[name], schedules[char]
-            with run.progress.phase(f"write {name}", o.steps):
+            with run.progress.phase(f"write {name}", options.steps):
                 x, bank = run_steps(write, self._unet_state, (run.noise, bank),
                                     (char, run.conditioning.select(panels), run.time_ids, run.guidance,
-                                     (s.index, s.others, s.others_len, s.flips)), o.steps, run.progress)
+                                     (s.index, s.others, s.others_len, s.flips)), options.steps, run.progress)
             jax.block_until_ready(x)
             latents.update({p: x[j] for j, p in enumerate(panels)})
         valid = {L: np.stack([s.valid[L] for s in schedules], axis=1) if schedules else
-                 np.zeros((o.steps, 0, 1), bool) for L in sorted(set(layout.tokens))}
+                 np.zeros((options.steps, 0, 1), bool) for L in sorted(set(layout.tokens))}
         new_bank = CharacterBank({name: story.characters[name].description for name in names}, list(bank), valid,
-                                 self._bank_meta(o), list(layout.tokens))
-        if o.bank_offload:
+                                 self._bank_meta(options), list(layout.tokens))
+        if options.bank_offload:
             new_bank = new_bank.placed(host_memory(self.mesh))
         return latents, new_bank
 
     def _read_phase(self, run: StoryRun, bank: CharacterBank, todo: list[int]) -> dict[int, jax.Array]:
         """The panels `todo`, in batches, each attending to the banks of the characters it names."""
-        o, story = run.options, run.story
+        options, story = run.options, run.story
         if not todo:
             return {}
         names = list(bank.characters)
-        flips = csa.draw_read_flips(o.seed, len(story.panels), o.steps, len(run.layout.tokens), o.csa())
+        flips = csa.draw_read_flips(options.seed, len(story.panels), options.steps, len(run.layout.tokens),
+                                    options.csa())
         # Rows are sharded over the devices, so the batch is a multiple of their count (padding repeats a panel).
-        batch = -(-(o.read_batch or 4) // self.n_devices) * self.n_devices
-        read = self._program(self._read_program, run.sampler, run.layout.tokens, run.freeu, o.bank_offload)
-        placement = host_memory(self.mesh) if o.bank_offload else replicated(self.mesh)
+        batch = -(-(options.read_batch or 4) // self.n_devices) * self.n_devices
+        read = self._program(self._read_program, run.sampler, run.layout.tokens, run.freeu, options.bank_offload)
+        placement = host_memory(self.mesh) if options.bank_offload else replicated(self.mesh)
         tokens, valid = bank.placed(placement).device_arrays()
         latents = {}
-        with run.progress.phase("read", o.steps * -(-len(todo) // batch)):
+        with run.progress.phase("read", options.steps * -(-len(todo) // batch)):
             for start in range(0, len(todo), batch):
                 panels = todo[start:start + batch]
                 padded = panels + [panels[-1]] * (batch - len(panels))
@@ -340,31 +341,31 @@ class StoryPipeline(Pipeline):
                 panel_chars = np.array([[name in story.panels[p].characters for name in names] for p in padded])
                 (x,) = run_steps(read, self._unet_state, (put_batch(run.panel_noise(batch), self.mesh),),
                                  (run.conditioning.select(padded), run.time_ids, run.guidance, tokens, valid,
-                                  jnp.asarray(panel_chars), jnp.asarray(flips[padded])), o.steps, run.progress)
+                                  jnp.asarray(panel_chars), jnp.asarray(flips[padded])), options.steps, run.progress)
                 x = np.asarray(x)
                 latents.update({p: jnp.asarray(x[j]) for j, p in enumerate(panels)})
         return latents
 
     def _window_phase(self, run: StoryRun) -> dict[int, jax.Array]:
         """Every panel through Algorithm 1's sliding windows, chunk by chunk."""
-        o = run.options
+        options = run.options
         window, chunk, (x0, cond, chars, n_panels) = self._window_inputs(run)
         program = self._program(self._window_program, run.sampler, run.layout.tokens, run.freeu, window, chunk,
-                                run.image_hw, o.csa())
-        with run.progress.phase(f"window {window}, chunk {chunk}", o.steps):
+                                run.image_hw, options.csa())
+        with run.progress.phase(f"window {window}, chunk {chunk}", options.steps):
             (x,) = run_steps(program, self._unet_state, (x0,), (cond, run.time_ids, run.guidance, chars, n_panels,
                                                                  jax.random.fold_in(run.key, 0x3D)),
-                             o.steps, run.progress)
+                             options.steps, run.progress)
         x = np.asarray(x).reshape(-1, *run.noise.shape[1:])
         return {p: jnp.asarray(x[p]) for p in range(len(run.story.panels))}
 
     def _window_inputs(self, run: StoryRun):
         """Chunk-major, padded, sharded inputs of the window program: (window, chunk, (x0, cond, chars, n_panels))."""
-        story, o = run.story, run.options
+        story, options = run.story, run.options
         n = len(story.panels)
-        window = min(o.window, n)
+        window = min(options.window, n)
         # Panels of a chunk are sharded over the devices: a chunk is a multiple of their count.
-        chunk = -(-min(o.chunk or n, n) // self.n_devices) * self.n_devices
+        chunk = -(-min(options.chunk or n, n) // self.n_devices) * self.n_devices
         chunk = max(chunk, -(-window // self.n_devices) * self.n_devices)
         n_chunks = -(-n // chunk)
         order = list(range(n)) + [n - 1] * (n_chunks * chunk - n)
@@ -391,9 +392,9 @@ class StoryPipeline(Pipeline):
                 run.progress.tick()
         return panels
 
-    def _bank_meta(self, o: StoryOptions) -> dict:
-        return {"model": self.components.source, "height": o.height, "width": o.width, "steps": o.steps,
-                "sampler": o.sampler, "sa32": o.sa32, "sa64": o.sa64}
+    def _bank_meta(self, options: StoryOptions) -> dict:
+        return {"model": self.components.source, "height": options.height, "width": options.width,
+                "steps": options.steps, "sampler": options.sampler, "sa32": options.sa32, "sa64": options.sa64}
 
     # ------------------------------------------------------------------ programs
     def _unet_eps(self, unet, sampler, i, x, cond: Conditioning, time_ids, guidance, freeu, hook):

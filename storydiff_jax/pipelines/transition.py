@@ -98,19 +98,19 @@ def fit_image(image: Image.Image | np.ndarray, height: int, width: int) -> np.nd
     return np.asarray(img.crop((left, top, left + width, top + height)))
 
 
-def check_options(config: VideoPipelineConfig, o: TransitionOptions) -> None:
+def check_options(config: VideoPipelineConfig, options: TransitionOptions) -> None:
     """One-line errors for settings this model cannot render (checked before anything is loaded or run); the
     options' own checks ran when they were made."""
     stride = config.latent_stride
-    for name, v in (("height", o.height), ("width", o.width)):
+    for name, v in (("height", options.height), ("width", options.width)):
         if v <= 0 or v % stride:
             raise ConfigError(f"{name} {v} is not a positive multiple of {stride} (VAE x U-Net downscale); use "
                               f"e.g. {max(stride, round(v / stride) * stride)}")
     limit = config.max_frames
-    if not 2 <= o.frames <= limit:
-        raise ConfigError(f"frames {o.frames} is outside 2..{limit} (the motion module's positional table has "
+    if not 2 <= options.frames <= limit:
+        raise ConfigError(f"frames {options.frames} is outside 2..{limit} (the motion module's positional table has "
                           f"{config.unet.motion.max_frames} entries); use --frames between 2 and {limit}")
-    if o.smp == "predict" and config.smp is None:
+    if options.smp == "predict" and config.smp is None:
         raise ConfigError("this model has no trained Semantic Motion Predictor; use --smp none (plain "
                           "interpolation) or train one with `python -m train smp` and export it")
 
@@ -178,8 +178,8 @@ class TransitionPipeline(Pipeline):
             return interpolate_tokens(start, end, frames)
         return self._program(self._smp_program, frames)(self._states["smp"], start, end)
 
-    def check(self, o: TransitionOptions) -> None:
-        check_options(self.config, o)
+    def check(self, options: TransitionOptions) -> None:
+        check_options(self.config, options)
 
     # ------------------------------------------------------------------ the call
     def __call__(self, start, end, options: TransitionOptions = TransitionOptions(), *,
@@ -190,39 +190,39 @@ class TransitionPipeline(Pipeline):
         tokens: optional precomputed (`image_tokens([start, end])`) to skip re-encoding. progress: console bars
         (True), none (False), or a `Progress` of your own (e.g. with a listener).
         """
-        o = options
         # 1. Check the settings against this model.
-        self.check(o)
+        self.check(options)
         progress = as_progress(progress)
         c = self.components
         timings: dict[str, float] = {}
         # 2. Encode: both frames' image tokens and every frame's in between, the prompt, the anchors' latents.
         with timed(timings, "encode_s"):
-            pictures = [fit_image(start, o.height, o.width), fit_image(end, o.height, o.width)]
+            pictures = [fit_image(start, options.height, options.width), fit_image(end, options.height, options.width)]
             ends, uncond = tokens if tokens is not None else self.image_tokens(pictures)
-            per_frame = self.frame_tokens(ends[None, 0], ends[None, 1], o.frames, o.smp)
-            ctx = self.encode_prompt(o.prompt, o.negative)
-            h, w = o.height // self.config.vae.downscale, o.width // self.config.vae.downscale
+            per_frame = self.frame_tokens(ends[None, 0], ends[None, 1], options.frames, options.smp)
+            ctx = self.encode_prompt(options.prompt, options.negative)
+            h, w = options.height // self.config.vae.downscale, options.width // self.config.vae.downscale
             channels = self.config.unet.unet.in_channels
             anchors = jnp.zeros((2, h, w, channels), c.dtype)
-            if o.anchor:
+            if options.anchor:
                 images = jnp.asarray(np.stack(pictures), jnp.float32) / 127.5 - 1.0
                 anchors = self._program(self._encode_program)(self._states["vae"], images).astype(c.dtype)
         # 3. Denoise every frame together.
         with timed(timings, "denoise_s"):
-            sampler = make_sampler("ddim", self.config.scheduler, o.steps)
-            noise = jax.random.normal(jax.random.key(o.seed), (1, o.frames, h, w, channels), jnp.float32)
-            noise = jax.device_put(noise.astype(c.dtype), self._frame_sharding(o.frames))
-            denoise = self._program(self._denoise_program, sampler, o.anchor)
-            with progress.phase("denoise", o.steps):
+            sampler = make_sampler("ddim", self.config.scheduler, options.steps)
+            noise = jax.random.normal(jax.random.key(options.seed), (1, options.frames, h, w, channels), jnp.float32)
+            noise = jax.device_put(noise.astype(c.dtype), self._frame_sharding(options.frames))
+            denoise = self._program(self._denoise_program, sampler, options.anchor)
+            with progress.phase("denoise", options.steps):
                 (latents,) = run_steps(denoise, self._states["unet"], (noise * sampler.init_noise_sigma,),
                                        (noise, ctx, per_frame.astype(c.dtype), uncond.astype(c.dtype),
-                                        jnp.float32(o.guidance), jnp.float32(o.ip_scale), anchors), o.steps, progress)
+                                        jnp.float32(options.guidance), jnp.float32(options.ip_scale), anchors),
+                                       options.steps, progress)
             latents = jax.block_until_ready(latents)[0]
         # 4. Decode, a few frames at a time.
         with timed(timings, "decode_s"):
-            frames = self._decode(latents, o.decode_batch, progress)
-        info = {"timings": timings, "options": o.to_dict(), "smp": o.smp, "frames": int(frames.shape[0])}
+            frames = self._decode(latents, options.decode_batch, progress)
+        info = {"timings": timings, "options": options.to_dict(), "smp": options.smp, "frames": int(frames.shape[0])}
         return TransitionResult(frames, np.asarray(latents, np.float32), info)
 
     def _frame_sharding(self, frames: int):
