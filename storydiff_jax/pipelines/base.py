@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..sharding import data_mesh, put_replicated
+from ..sharding import data_mesh, put_replicated, replicated
 from .progress import Progress
 
 
@@ -65,8 +65,12 @@ class Pipeline:
         self._programs: dict = {}
 
     def _place(self, model: nnx.Module):
-        """(graph, state replicated over the mesh) of a model: programs take the state as an argument."""
+        """(graph, state replicated over the mesh) of a model: programs take the state as an argument. An abstract
+        model (`load_components(..., abstract=True)`) keeps shapes only: its programs can be compiled, not run."""
         graph, state = nnx.split(model)
+        if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state)):
+            everywhere = replicated(self.mesh)
+            return graph, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere), state)
         return graph, put_replicated(state, self.mesh)
 
     def _program(self, builder: Callable, *args):
