@@ -6,7 +6,8 @@
 The models are loaded once at start. Every request goes through the CLIs' own `run()` (same options, same
 defaults, same checks, same one-line errors, same run folders), one at a time per device: Gradio's queue
 holds the others and shows them their place in line. Everything the app writes, Gradio's upload cache
-included, lands under --out; it never opens a path typed into the page.
+included, lands under --out; it never opens a path typed into the page. The settings inputs are generated
+from the StoryOptions / TransitionOptions declarations (`option_inputs`) and reach a handler as one dict.
 """
 
 from __future__ import annotations

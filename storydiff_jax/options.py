@@ -157,13 +157,11 @@ class Options:
                 for f in cls.option_fields() if not f.required}
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], *, defaults: Mapping[str, Any] | None = None, **fixed):
+    def from_dict(cls, values: Mapping[str, Any], *, defaults: Mapping[str, Any] | None = None):
         """Options from a dict of settings (a form, a manifest's "settings", a config file): unknown keys are
-        refused with the known ones listed, strings are typed as declared; `defaults` fills what is missing;
-        `fixed` are settings the caller decides itself (checked like the others)."""
-        given = {name: cls._field(name).parse(value) for name, value in {**values, **fixed}.items()}
-        merged = {k: v for k, v in (defaults or {}).items() if k not in given}
-        return cls(**merged, **given)
+        refused with the known ones listed, strings are typed as declared; `defaults` fills what is missing."""
+        given = {name: cls._field(name).parse(value) for name, value in values.items()}
+        return cls(**{k: v for k, v in (defaults or {}).items() if k not in given}, **given)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -186,11 +184,11 @@ class Options:
             parser.add_argument(f.flag, **kwargs)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, *, defaults: Mapping[str, Any] | None = None, **fixed):
+    def from_args(cls, args: argparse.Namespace, *, defaults: Mapping[str, Any] | None = None):
         """Options from a command line parsed with `add_arguments`: the flags given, then `defaults`."""
         given = {f.name: getattr(args, f.name) for f in cls.option_fields()
                  if f.flag is not None and getattr(args, f.name, None) is not None}
-        return cls.from_dict(given, defaults=defaults, **fixed)
+        return cls.from_dict(given, defaults=defaults)
 
     @classmethod
     def to_argv(cls, values: Mapping[str, Any]) -> list[str]:
