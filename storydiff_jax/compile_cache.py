@@ -13,6 +13,7 @@ Only programs without host callbacks can be stored (JAX's rule): the sampling pr
 from the host loop around them, not from inside (see `pipelines.base.run_steps`). Programs that compile in
 under MIN_COMPILE_S are not worth a file. The folder is bounded to MAX_BYTES, least recently used first
 out (which needs the `filelock` package, also what keeps concurrent processes from writing one entry twice).
+JAX's own variables (JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, JAX_COMPILATION_CACHE_MAX_SIZE) win where set.
 Measured effect: docs/compile_cache.md.
 """
 
@@ -62,11 +63,18 @@ def enable(setting: str | None) -> str | None:
         raise ConfigError(f"--compile-cache {folder} is not writable; pass a writable folder or --compile-cache off")
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
-    try:
-        import filelock  # noqa: F401  (JAX needs it to bound the folder's size)
-    except ImportError:
-        pass
-    else:
+    # JAX's own environment variables, where set, keep their say (the test suite lowers the threshold).
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
+    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and _has_filelock():
         jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return folder
+
+
+def _has_filelock() -> bool:
+    """JAX needs the `filelock` package to bound the folder's size (and then locks its writes)."""
+    try:
+        import filelock  # noqa: F401
+    except ImportError:
+        return False
+    return True
