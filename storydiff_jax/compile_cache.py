@@ -10,7 +10,7 @@ CLIs (`infer.story`, `infer.transition`, `infer.app`, `train`) turn it on at sta
                            (~/.cache/storydiff-jax/jax)
 
 Only programs without host callbacks can be stored (JAX's rule): the sampling programs report progress
-from the host loop around them, not from inside (see `pipelines.base.run_steps`). Programs that compile in
+from the step loop around them, not from inside (see `pipelines.base.run_steps`). Programs that compile in
 under MIN_COMPILE_S are not worth a file. The folder is bounded to MAX_BYTES, least recently used first
 out (which needs the `filelock` package, also what keeps concurrent processes from writing one entry twice).
 JAX's own variables (JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, JAX_COMPILATION_CACHE_MAX_SIZE) win where set.

@@ -96,10 +96,10 @@ def test_sd15_story_with_odd_latent_sides():
     assert len({np.asarray(p).tobytes() for p in result.panels}) > 1
 
 
-def test_watched_runs_step_by_step_give_the_same_panels(pipe):
-    """While somebody watches, the denoising programs run one step per call and the progress ticks from that host
-    loop (no host callback inside the programs, so JAX's persistent cache can keep them): the same pixels as one
-    call over all steps, and each run's own listener sees its phases step by step, on the caller's thread."""
+def test_progress_is_per_run_and_ticks_from_the_step_loop(pipe):
+    """A run's own listener sees its phases step by step, on the caller's thread: the ticks come from the loop that
+    calls the denoising programs once per step (no host callback inside them, so JAX's persistent cache can keep
+    them), and watching changes neither the programs nor the pixels."""
     import threading
 
     from storydiff_jax.pipelines.progress import Progress

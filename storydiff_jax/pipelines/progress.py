@@ -2,9 +2,9 @@
 
 Each run makes its own `Progress` and hands it to its phases; nothing is shared between runs (two
 requests in one process, or a library user's own loop, never see each other's bars). The ticks come
-from the host loop that calls the denoising programs one step at a time while somebody watches
-(`pipelines.base.run_steps`): the programs themselves carry no host callback, which is what lets
-JAX's persistent compilation cache keep them.
+from the host loop that calls the denoising programs one step at a time (`pipelines.base.run_steps`):
+the programs themselves carry no host callback, which is what lets JAX's persistent compilation cache
+keep them.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class Progress:
 
     @property
     def watched(self) -> bool:
-        """Somebody follows the steps: denoising then runs one step per call so each can be reported."""
+        """Somebody follows the steps: the step loop then waits for each step to report it."""
         return self.bars or self.listener is not None
 
     @contextmanager

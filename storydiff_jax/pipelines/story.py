@@ -8,8 +8,8 @@ decode; typeset. Denoising follows one of two schedules (`StoryOptions.mode`):
            fixed-size batches, attending to the banks of the characters it names;
   window - the paper's Algorithm 1: stride-1 sliding windows, outputs averaged per panel, chunks of panels
            sharded over `data` (see consistent.WindowHook).
-Each phase is a method taking the run and returning its latents, and runs one jitted program whose denoising
-loop is a `lax.scan` over the steps (`base.run_steps`).
+Each phase is a method taking the run and returning its latents; it runs one jitted program, called once per
+denoising step (`base.run_steps`).
 """
 
 from __future__ import annotations

@@ -293,7 +293,7 @@ class TransitionPipeline(Pipeline):
                 return held(sampler.step(eps, i, x), i + 1), None
 
             steps = jnp.arange(n) if steps is None else steps
-            # Held before the first step; a later segment starts from latents its predecessor already held.
+            # Held before the first step; a call starting later gets latents its predecessor already held.
             x = jnp.where(steps[0] == 0, held(x, 0), x)
             return jax.lax.scan(step, x.astype(noise.dtype), steps)[0]
 
