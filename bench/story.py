@@ -155,25 +155,34 @@ class _Recorder:
     def __init__(self, fn, slot: dict, name: str):
         self.fn, self.slot, self.name = fn, slot, name
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         if self.slot.get("on"):
-            self.slot[self.name] = args
-        return self.fn(*args)
+            self.slot[self.name] = (args, kwargs)
+        return self.fn(*args, **kwargs)
+
+
+def program_name(builder: str) -> str:
+    """A pipeline program's name in the reports: `_write_program` -> `write`."""
+    return builder.strip("_").removesuffix("_program")
 
 
 def compiled_memory(pipe, recorded: dict) -> dict:
     """{program: {temp, argument, output, alias}} bytes of the compiled programs, from their recorded calls."""
+    import jax
+
     out = {}
     for key, fn in pipe._programs.items():
-        name = key[0] if isinstance(key, tuple) else key
-        args = recorded.get(name)
-        if args is None:
+        call = recorded.get(program_name(key[0]))
+        if call is None:
             continue
-        ma = fn.lower(*args).compile().memory_analysis()
+        # A donated argument (the write program's bank buffer) is gone after the call: its shape is enough.
+        args, kwargs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
+                                    if isinstance(a, jax.Array) and a.is_deleted() else a, call)
+        ma = fn.lower(*args, **kwargs).compile().memory_analysis()
         if ma is None:
             continue
-        out[name] = {"temp": int(ma.temp_size_in_bytes), "argument": int(ma.argument_size_in_bytes),
-                     "output": int(ma.output_size_in_bytes), "alias": int(ma.alias_size_in_bytes)}
+        out[program_name(key[0])] = {"temp": int(ma.temp_size_in_bytes), "argument": int(ma.argument_size_in_bytes),
+                                     "output": int(ma.output_size_in_bytes), "alias": int(ma.alias_size_in_bytes)}
     return out
 
 
@@ -184,6 +193,7 @@ def window_scaling(pipe, options, story, panel_counts) -> dict:
 
     from storydiff_jax import consistent as csa
     from storydiff_jax.models.unet import FreeU
+    from storydiff_jax.pipelines.story import Conditioning
     from storydiff_jax.schedulers import make_sampler
 
     o, cfg = options, pipe.config
@@ -203,8 +213,8 @@ def window_scaling(pipe, options, story, panel_counts) -> dict:
         spec = jax.ShapeDtypeStruct
         args = (pipe._unet_state,
                 spec((chunks, chunk, h, w_lat, cfg.unet.in_channels), jnp.float32),
-                spec((chunks, 2 * chunk, 77, cfg.unet.cross_attention_dim), dt),
-                spec((chunks, 2 * chunk, cfg.unet.text_embeds_dim), dt),
+                Conditioning(spec((chunks, 2 * chunk, 77, cfg.unet.cross_attention_dim), dt),
+                             spec((chunks, 2 * chunk, cfg.unet.text_embeds_dim), dt)),
                 spec((1, 6), jnp.float32), spec((), jnp.float32),
                 spec((chunks, chunk, n_chars), jnp.bool_), spec((), jnp.int32), jax.random.key(0))
         t0 = time.perf_counter()
@@ -231,8 +241,8 @@ def jax_worker(args, mode: str) -> dict:
     build_s = time.perf_counter() - t0
     recorded: dict = {}
     original = pipe._program
-    pipe._program = lambda key, build: _Recorder(original(key, build), recorded,
-                                                 key[0] if isinstance(key, tuple) else key)
+    pipe._program = lambda builder, *args: _Recorder(original(builder, *args), recorded,
+                                                     program_name(builder.__name__))
     text = synthetic_story(args.characters, args.id_length, args.panels)
     options = StoryOptions(steps=args.steps, height=args.height, width=args.width, seed=args.seed,
                            id_length=args.id_length, mode=mode, window=args.window, chunk=args.chunk,

@@ -6,14 +6,14 @@
 The models are loaded once at start. Every request goes through the CLIs' own `run()` (same options, same
 defaults, same checks, same one-line errors, same run folders), one at a time per device: Gradio's queue
 holds the others and shows them their place in line. Everything the app writes, Gradio's upload cache
-included, lands under --out; it never opens a path typed into the page.
+included, lands under --out; it never opens a path typed into the page. The settings inputs are generated
+from the StoryOptions / TransitionOptions declarations (`option_inputs`) and reach a handler as one dict.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextvars
 import datetime
 import itertools
 import json
@@ -21,7 +21,6 @@ import os
 import shutil
 import sys
 import threading
-from contextlib import contextmanager
 
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_IMAGE_SIDE = 4096          # an upload larger than this is refused before it is decoded (decompression bombs)
@@ -30,6 +29,8 @@ AUTO = "auto"                  # id length left to the CLI (4, or the most the s
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from storydiff_jax import compile_cache
+    from storydiff_jax.cli import add_dtype_argument
     from storydiff_jax.pipelines.components import PRESETS
     from storydiff_jax.pipelines.video_components import PRESETS as VIDEO_PRESETS
 
@@ -54,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default: "
                    "anyone with the link can use your machine)")
     p.add_argument("--max-upload-mb", type=float, default=50.0, help="largest accepted upload (default: 50)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    add_dtype_argument(p)
+    compile_cache.add_argument(p)
     return p
 
 
@@ -74,8 +75,7 @@ def _cli_parser(module):
 
 
 def _flags(**values) -> list[str]:
-    """--name value pairs for the CLI parser; None (an empty field) leaves the CLI's default. Integer fields are
-    gr.Number(precision=0), which hands back ints, so argparse sees "3", not "3.0"."""
+    """--name=value flags for the CLI parser's own (non-option) arguments; None leaves the CLI's default."""
     argv = []
     for name, value in values.items():
         flag = "--" + name.replace("_", "-")
@@ -112,24 +112,46 @@ def check_upload(path: str | None, what: str, types: tuple[str, ...], max_bytes:
     return path
 
 
-@contextmanager
-def progress_to(progress):
-    """Feed every pipeline step tick (`Progress.listener`) to a Gradio progress bar.
-
-    Ticks arrive from jax's callback thread; gr.Progress finds its event through context variables, so each
-    tick runs in a copy of the request's context."""
-    from storydiff_jax.pipelines.progress import Progress
-
-    ctx = contextvars.copy_context()
-
+def progress_listener(progress):
+    """A run's progress listener that moves a Gradio progress bar (the run ticks from the request's thread)."""
     def listener(phase: str, done: int, total: int) -> None:
-        ctx.copy().run(progress, (done, total), desc=phase, unit="steps")
+        progress((done, total), desc=phase, unit="steps")
 
-    Progress.listener = listener
-    try:
-        yield
-    finally:
-        Progress.listener = None
+    return listener
+
+
+def option_inputs(options_cls, group: str, defaults: dict, prefix: str = "") -> dict:
+    """The web form's inputs for one group of options, generated from their declarations (`form=` in
+    `storydiff_jax.options.option`): name -> Gradio component, created in the caller's layout context."""
+    import gradio as gr
+
+    inputs = {}
+    for f in options_cls.form_fields(group):
+        label = f.spec.label or f.name.replace("_", " ")
+        common = {"label": label, "elem_id": prefix + f.name.replace("_", "-")}
+        value = defaults.get(f.name)
+        choices = f.spec.choice_values()
+        if f.spec.widget == "auto":
+            # A dropdown, not a number field: an empty gr.Number shows (and sends) 0 from the page.
+            inputs[f.name] = gr.Dropdown([AUTO] + [str(c) for c in choices],
+                                         value=AUTO if value is None else str(value), **common)
+        elif f.type is bool:
+            inputs[f.name] = gr.Checkbox(value, **common)
+        elif choices is not None:
+            inputs[f.name] = (gr.Radio if f.spec.widget == "radio" else gr.Dropdown)(choices, value=value, **common)
+        elif f.spec.widget == "slider":
+            inputs[f.name] = gr.Slider(*f.spec.bounds, value, step=f.spec.step, **common)
+        elif f.type in (int, float):
+            step = {"step": f.spec.step} if f.spec.step else {}
+            inputs[f.name] = gr.Number(value, precision=0 if f.type is int else None, **step, **common)
+        else:
+            inputs[f.name] = gr.Textbox(value=value, **common)
+    return inputs
+
+
+def form_values(values: dict) -> dict:
+    """Form values as settings: an "auto" choice leaves the option to its default."""
+    return {name: None if value == AUTO else value for name, value in values.items()}
 
 
 def _zip_folder(folder: str) -> str:
@@ -150,12 +172,10 @@ class StoryApp:
     """The loaded models and the request handlers (plain functions of the form's values: testable without a UI)."""
 
     def __init__(self, args: argparse.Namespace, log=print):
-        import jax
-        import jax.numpy as jnp
-
         import infer.story
         import infer.transition
         from storydiff_jax import checkpoints
+        from storydiff_jax.cli import compute_dtype
         from storydiff_jax.pipelines import StoryPipeline
         from storydiff_jax.pipelines.components import PRESETS
         from storydiff_jax.pipelines.transition import TransitionPipeline
@@ -168,9 +188,7 @@ class StoryApp:
         self.video_source = args.video_model or args.video_preset or "tiny-video"
         self.story_cli = _cli_parser(infer.story)
         self.video_cli = _cli_parser(infer.transition)
-        on_accel = jax.default_backend() != "cpu"
-        dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[
-            args.dtype or ("bfloat16" if on_accel else "float32")]
+        dtype = compute_dtype(args.dtype)
         # A wrong model folder fails here, in a second, with the loaders' own messages (not after Gradio's import).
         if self.story_source not in PRESETS:
             checkpoints.read_index(self.story_source)
@@ -190,18 +208,16 @@ class StoryApp:
         self.story_pipe, self.video_pipe = self._loading.result()
         return self
 
-    # The CLI's defaults for this model (what `python -m infer.story` would use), shown in the form.
+    # The defaults `python -m infer.story` / `infer.transition` use with this model, shown in the form.
     def story_defaults(self) -> dict:
-        import infer.story
+        from storydiff_jax.pipelines import StoryOptions
 
-        return {**vars(self.story_cli.parse_args(["--story=-", "--out=-"])),
-                **infer.story.model_defaults(self.story_source)}
+        return StoryOptions.defaults(tiny=self.tiny)
 
     def video_defaults(self) -> dict:
-        import infer.transition
+        from storydiff_jax.pipelines.transition import TransitionOptions
 
-        return {**vars(self.video_cli.parse_args(["--start=-", "--end=-", "--out=-"])),
-                **infer.transition.model_defaults(self.video_source)}
+        return TransitionOptions.defaults(tiny=self.video_tiny)
 
     def _new_name(self, kind: str) -> str:
         with self._lock:  # unique even for two requests in the same second
@@ -214,12 +230,14 @@ class StoryApp:
         return {"model": self.args.model} if self.args.model else {"preset": self.story_source}
 
     # ------------------------------------------------------------------ story
-    def run_story(self, text: str, *, style, negative, layout, height, width, steps, guidance, seed, id_length,
-                  sa32, sa64, mode, window=None, sampler=None, no_freeu=False, save_bank=False,
-                  bank_upload: str | None = None, last_bank: str | None = None, log=print) -> dict:
-        """Generate one story with the CLI's run(); returns its folder, files and bank. Raises StoryDiffError."""
+    def run_story(self, text: str, settings: dict, *, save_bank=False, bank_upload: str | None = None,
+                  last_bank: str | None = None, log=print, listener=None) -> dict:
+        """Generate one story with the CLI's run(); returns its folder, files and bank. Raises StoryDiffError.
+
+        settings: StoryOptions values by name (unknown names are refused; None leaves the CLI's default)."""
         import infer.story
         from storydiff_jax.errors import ConfigError
+        from storydiff_jax.pipelines import StoryOptions
 
         if not (text or "").strip():
             raise ConfigError("the story is empty; write characters, a blank line, then one panel per line")
@@ -229,13 +247,10 @@ class StoryApp:
         name = self._new_name("story")
         folder = os.path.join(self.out, "stories", name)
         bank_path = os.path.join(self.out, "banks", name + ".npz") if save_bank else None
-        argv = ["--story=(web form)", f"--out={folder}", "--quiet"] + _flags(
-            **self._source_flags(video=False), style=style, negative=negative, layout=layout, height=height,
-            width=width, steps=steps, guidance=guidance, seed=seed, id_length=id_length, sa32=sa32, sa64=sa64,
-            mode=mode, window=window, sampler=sampler, no_freeu=bool(no_freeu), save_bank=bank_path,
-            load_bank=load_bank)
+        argv = (["--story=(web form)", f"--out={folder}", "--quiet"] + StoryOptions.to_argv(settings)
+                + _flags(**self._source_flags(video=False), save_bank=bank_path, load_bank=load_bank))
         args = self.story_cli.parse_args(argv)
-        infer.story.run(args, log, text=text, pipe=self.story_pipe)
+        infer.story.run(args, log, text=text, pipe=self.story_pipe, listener=listener)
         with open(os.path.join(folder, "story.json")) as f:
             manifest = json.load(f)
         return {
@@ -248,15 +263,18 @@ class StoryApp:
         }
 
     # ------------------------------------------------------------------ transition
-    def run_transition(self, *, start: str, end: str, prompt: str | None, frames, steps, seed, log=print) -> str:
-        """Render start -> end (image files the app chose or Gradio stored) to videos/NAME.mp4; returns it."""
+    def run_transition(self, *, start: str, end: str, settings: dict, log=print, listener=None) -> str:
+        """Render start -> end (image files the app chose or Gradio stored) to videos/NAME.mp4; returns it.
+
+        settings: TransitionOptions values by name (None leaves the CLI's default)."""
         import infer.transition
+        from storydiff_jax.pipelines.transition import TransitionOptions
 
         name = self._new_name("transition")
         path = os.path.join(self.out, "videos", name + ".mp4")
-        argv = [f"--start={start}", f"--end={end}", f"--out={path}", "--quiet"] + _flags(
-            **self._source_flags(video=True), prompt=prompt, frames=frames, steps=steps, seed=seed)
-        infer.transition.run(self.video_cli.parse_args(argv), log, pipe=self.video_pipe)
+        argv = ([f"--start={start}", f"--end={end}", f"--out={path}", "--quiet"]
+                + TransitionOptions.to_argv(settings) + _flags(**self._source_flags(video=True)))
+        infer.transition.run(self.video_cli.parse_args(argv), log, pipe=self.video_pipe, listener=listener)
         return path
 
     def story_panel_files(self, folder: str) -> tuple[list[str], list[str]]:
@@ -286,8 +304,8 @@ def build_ui(app: StoryApp):
     import gradio as gr
 
     from storydiff_jax.errors import StoryDiffError
-    from storydiff_jax.story import style_names
-    from storydiff_jax.story.comic import LAYOUTS
+    from storydiff_jax.pipelines import StoryOptions
+    from storydiff_jax.pipelines.transition import TransitionOptions
 
     sd, vd = app.story_defaults(), app.video_defaults()
 
@@ -295,23 +313,18 @@ def build_ui(app: StoryApp):
         print(f"error: {e}", file=sys.stderr, flush=True)
         return gr.Error(str(e), print_exception=False)
 
-    def story_event(text, style, negative, layout, height, width, steps, guidance, seed, id_length, sa32, sa64,
-                    mode, window, sampler, freeu, save_bank, bank_upload, continue_bank, state,
-                    progress=gr.Progress()):
+    # The settings arrive as keyword arguments named like their options (`inputs_kwargs` below), which are
+    # also the names of the /story and /transition API parameters.
+    def story_event(text, save_bank, bank_upload, continue_bank, state, progress=gr.Progress(), **settings):
         state = dict(state or {})
         lines: list[str] = []
-        id_length = None if id_length in (None, AUTO) else id_length   # the CLI's default: 4 or the most allowed
         last_bank = state.get("bank") if continue_bank else None
         if continue_bank and not last_bank:
             raise fail(StoryDiffError("no bank saved in this session yet; run a story with 'save the character "
                                       "bank' first, or upload a bank file"))
         try:
-            with progress_to(progress):
-                r = app.run_story(text, style=style, negative=negative, layout=layout, height=height, width=width,
-                                  steps=steps, guidance=guidance, seed=seed, id_length=id_length, sa32=sa32,
-                                  sa64=sa64, mode=mode, window=window, sampler=sampler, no_freeu=not freeu,
-                                  save_bank=save_bank, bank_upload=bank_upload, last_bank=last_bank,
-                                  log=lines.append)
+            r = app.run_story(text, form_values(settings), save_bank=save_bank, bank_upload=bank_upload,
+                              last_bank=last_bank, log=lines.append, listener=progress_listener(progress))
         except StoryDiffError as e:
             raise fail(e) from None
         state["run"] = r["folder"]
@@ -322,9 +335,10 @@ def build_ui(app: StoryApp):
         return (r["panels"], r["pages"], r["zip"], r["bank"], "\n".join(lines), state,
                 gr.Dropdown(choices=choices, value=0), gr.Dropdown(choices=choices, value=min(1, len(choices) - 1)))
 
-    def transition_event(source, start_panel, end_panel, start_upload, end_upload, prompt, frames, steps, seed,
-                         state, progress=gr.Progress()):
+    def transition_event(source, start_panel, end_panel, start_upload, end_upload, state, progress=gr.Progress(),
+                         **settings):
         lines: list[str] = []
+        settings = form_values(settings)
         try:
             if source == SOURCES[0]:
                 folder = (state or {}).get("run")
@@ -335,14 +349,14 @@ def build_ui(app: StoryApp):
                 if start_panel is None or end_panel is None:
                     raise StoryDiffError("pick a start panel and an end panel")
                 start, end = files[int(start_panel)], files[int(end_panel)]
-                if not (prompt or "").strip():
-                    prompt = prompts[int(end_panel)]        # as --story-dir: the end panel's prompt
+                if not (settings.get("prompt") or "").strip():
+                    settings["prompt"] = prompts[int(end_panel)]        # as --story-dir: the end panel's prompt
             else:
                 start = check_upload(start_upload, "start image", IMAGE_TYPES, app.max_upload)
                 end = check_upload(end_upload, "end image", IMAGE_TYPES, app.max_upload)
-            with progress_to(progress):
-                path = app.run_transition(start=start, end=end, prompt=prompt or None, frames=frames, steps=steps,
-                                          seed=seed, log=lines.append)
+            settings["prompt"] = settings.get("prompt") or None         # empty: the CLI's default
+            path = app.run_transition(start=start, end=end, settings=settings, log=lines.append,
+                                      listener=progress_listener(progress))
         except StoryDiffError as e:
             raise fail(e) from None
         return path, [path, os.path.splitext(path)[0] + ".json"], "\n".join(lines)
@@ -361,28 +375,14 @@ def build_ui(app: StoryApp):
                                       info="[Name] description per character, a blank line, then one panel per line: "
                                            "[Name] ... #caption; [NC] = no character; // comment")
                     with gr.Row():
-                        style = gr.Dropdown(style_names(), value=sd["style"], label="style", elem_id="style")
-                        layout = gr.Dropdown(list(LAYOUTS), value=sd["layout"], label="layout", elem_id="layout")
-                        mode = gr.Radio(["bank", "window"], value=sd["mode"], label="mode", elem_id="mode")
-                    negative = gr.Textbox(value=sd["negative"], label="negative prompt (added to the style's)")
+                        story_settings = option_inputs(StoryOptions, "look", sd)
+                    story_settings |= option_inputs(StoryOptions, "prompt", sd)
                 with gr.Column(scale=2):
-                    with gr.Row():
-                        height = gr.Number(sd["height"], precision=0, step=32, label="height", elem_id="height")
-                        width = gr.Number(sd["width"], precision=0, step=32, label="width", elem_id="width")
-                        steps = gr.Number(sd["steps"], precision=0, label="steps", elem_id="steps")
-                    with gr.Row():
-                        guidance = gr.Number(sd["guidance"], label="guidance", elem_id="guidance")
-                        seed = gr.Number(sd["seed"], precision=0, label="seed", elem_id="seed")
-                        # A dropdown, not a number field: an empty gr.Number shows (and sends) 0 from the page.
-                        id_length = gr.Dropdown([AUTO] + [str(n) for n in range(1, 9)], value=AUTO, label="id length",
-                                                elem_id="id-length")
-                    with gr.Row():
-                        sa32 = gr.Slider(0, 1, sd["sa32"], step=0.05, label="sa32")
-                        sa64 = gr.Slider(0, 1, sd["sa64"], step=0.05, label="sa64")
+                    for group in ("size", "sampling", "csa"):
+                        with gr.Row():
+                            story_settings |= option_inputs(StoryOptions, group, sd)
                     with gr.Accordion("more settings", open=False):
-                        window = gr.Number(sd["window"], precision=0, label="window (window mode)")
-                        sampler = gr.Radio(["ddim", "euler"], value=sd["sampler"], label="sampler")
-                        freeu = gr.Checkbox(not sd["no_freeu"], label="FreeU")
+                        story_settings |= option_inputs(StoryOptions, "more", sd)
                     with gr.Accordion("character bank", open=False):
                         save_bank = gr.Checkbox(False, label="save the character bank of this run",
                                                 elem_id="save-bank")
@@ -406,28 +406,26 @@ def build_ui(app: StoryApp):
                     with gr.Row():
                         start_upload = gr.Image(type="filepath", sources=["upload"], label="start image")
                         end_upload = gr.Image(type="filepath", sources=["upload"], label="end image")
-                    prompt = gr.Textbox(label="prompt (empty with panels: the end panel's prompt)")
+                    video_settings = option_inputs(TransitionOptions, "prompt", vd, prefix="video-")
                     with gr.Row():
-                        frames = gr.Number(vd["frames"], precision=0, label="frames", elem_id="frames")
-                        vsteps = gr.Number(vd["steps"], precision=0, label="steps", elem_id="video-steps")
-                        vseed = gr.Number(vd["seed"], precision=0, label="seed", elem_id="video-seed")
+                        video_settings |= option_inputs(TransitionOptions, "main", vd, prefix="video-")
                     go_video = gr.Button("Generate transition", variant="primary", elem_id="generate-video")
                 with gr.Column():
                     video = gr.Video(label="video", elem_id="video")
                     video_files = gr.File(label="video + manifest", file_count="multiple")
                     video_log = gr.Textbox(label="log", lines=3)
-        go.click(story_event, [text, style, negative, layout, height, width, steps, guidance, seed, id_length, sa32,
-                               sa64, mode, window, sampler, freeu, save_bank, bank_upload, continue_bank, state],
-                 [panels, pages, run_zip, bank_file, story_log, state, start_panel, end_panel],
+        go.click(story_event, [text, save_bank, bank_upload, continue_bank, state], inputs_kwargs=story_settings,
+                 outputs=[panels, pages, run_zip, bank_file, story_log, state, start_panel, end_panel],
                  api_name="story", concurrency_id=DEVICE_QUEUE, concurrency_limit=1)
-        go_video.click(transition_event, [source, start_panel, end_panel, start_upload, end_upload, prompt, frames,
-                                          vsteps, vseed, state], [video, video_files, video_log],
+        go_video.click(transition_event, [source, start_panel, end_panel, start_upload, end_upload, state],
+                       inputs_kwargs=video_settings, outputs=[video, video_files, video_log],
                        api_name="transition", concurrency_id=DEVICE_QUEUE, concurrency_limit=1)
     demo.queue(default_concurrency_limit=1)
     return demo
 
 
 def serve(args: argparse.Namespace) -> None:
+    from storydiff_jax import compile_cache
     from storydiff_jax.errors import ConfigError
 
     out = os.path.abspath(args.out)
@@ -437,6 +435,7 @@ def serve(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
     # Gradio's upload/output cache goes under --out too (read when gradio is imported).
     os.environ["GRADIO_TEMP_DIR"] = os.path.join(out, ".gradio")
+    compile_cache.enable(args.compile_cache)
     app = StoryApp(args)          # checks the model folders first: a wrong one leaves no --out behind
     os.makedirs(out, exist_ok=True)
     demo = build_ui(app)

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 
 OUTPUTS = """outputs:
@@ -26,6 +25,9 @@ OUTPUTS = """outputs:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from storydiff_jax import compile_cache
+    from storydiff_jax.cli import add_dtype_argument
+    from storydiff_jax.pipelines.transition import TransitionOptions
     from storydiff_jax.pipelines.video_components import PRESETS
 
     p = argparse.ArgumentParser(
@@ -46,31 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", metavar="CONVERTED_DIR", help="folder written by `python -m convert video`")
     src.add_argument("--preset", choices=sorted(PRESETS), help="random-weight model of that shape (default: "
                      "tiny-video when no --model is given)")
-    p.add_argument("--prompt", default=None, help="text prompt (default: empty; with --story-dir the end panel's)")
-    p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--frames", type=int, default=None, help="frames per transition, 2..32 (default: 16; 8 on tiny "
-                   "presets)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 25; 4 on tiny presets)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
-    p.add_argument("--ip-scale", type=float, default=1.0, help="weight of the image-token attention (default: 1.0)")
-    p.add_argument("--smp", choices=["predict", "none"], default=None,
-                   help="predict: the Semantic Motion Predictor's tokens; none: plain interpolation of the start "
-                        "and end tokens (default: predict when the model has a trained SMP, else none)")
-    p.add_argument("--no-anchor", action="store_true", help="do not hold the first/last frames to the given "
-                   "pictures (the paper conditions only through tokens; holding them is our default)")
+    TransitionOptions.add_arguments(p.add_argument_group("transition settings (written to the .json manifest)"))
     p.add_argument("--motion-norm", choices=["per-frame", "across-frames"], default=None,
                    help="GroupNorm statistics of the motion modules: per-frame = original AnimateDiff, what its "
                         "checkpoints were trained with (default); across-frames = diffusers' MotionAdapter")
-    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same frames (default: 0)")
     p.add_argument("--fps", type=float, default=8.0, help="frames per second of the mp4/gif (default: 8)")
-    p.add_argument("--height", type=int, default=None, help="frame height, a multiple of 64 (default: the start "
-                   "frame's, rounded to a multiple of 64)")
-    p.add_argument("--width", type=int, default=None, help="frame width, a multiple of 64 (default: the start "
-                   "frame's, rounded to a multiple of 64)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    add_dtype_argument(p)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    compile_cache.add_argument(p)
     return p
 
 
@@ -108,27 +94,23 @@ def _output_kind(out: str) -> str:
     return ext
 
 
-def model_defaults(source: str) -> dict:
-    """The defaults that depend on the model (also shown by the web app): tiny presets get small, fast ones."""
-    tiny = source.startswith("tiny-")
-    return {"frames": 8 if tiny else 16, "steps": 4 if tiny else 25}
-
-
-def _default_side(image, stride: int) -> int:
+def _default_side(image, stride: int) -> tuple[int, int]:
     return max(stride, round(image.height / stride) * stride), max(stride, round(image.width / stride) * stride)
 
 
-def run(args: argparse.Namespace, log=print, *, pipe=None) -> str:
+def run(args: argparse.Namespace, log=print, *, pipe=None, listener=None) -> str:
     """Render the transition(s) of `args` and write `args.out`; returns its path.
 
-    pipe: an already loaded TransitionPipeline for `args.model`/`args.preset` (the web app loads once).
+    pipe: an already loaded TransitionPipeline for `args.model`/`args.preset` (the web app loads once);
+    listener: called with (phase, done, total) as each transition progresses (the web app's progress bar).
     """
-    import jax
     import jax.numpy as jnp
     import numpy as np
 
+    from storydiff_jax.cli import compute_dtype
     from storydiff_jax.errors import ConfigError
     from storydiff_jax.images import load_image
+    from storydiff_jax.pipelines.progress import Progress
     from storydiff_jax.pipelines.transition import TransitionOptions, TransitionPipeline, check_options, fit_image
     from storydiff_jax.pipelines.video_components import load_video_config
     from storydiff_jax.video_io import write_video
@@ -148,19 +130,14 @@ def run(args: argparse.Namespace, log=print, *, pipe=None) -> str:
     # Read every picture and check every setting before loading any weights: bad input fails in a second.
     images = [load_image(f) for f in files]
     source = args.model or args.preset or "tiny-video"
-    defaults = model_defaults(source)
     config = load_video_config(source)
-    stride = config.latent_stride
-    height, width = _default_side(images[0], stride)
-    # `is None`, not `or`: an explicit 0 must reach check_options and be refused, not become the default.
-    pick = lambda given, default: default if given is None else given  # noqa: E731
-    height, width = pick(args.height, height), pick(args.width, width)
-    smp = args.smp or ("predict" if config.smp is not None else "none")
-    base = TransitionOptions(
-        prompt=args.prompt or "", negative=args.negative, frames=pick(args.frames, defaults["frames"]),
-        steps=pick(args.steps, defaults["steps"]), guidance=args.guidance, ip_scale=args.ip_scale, smp=smp,
-        seed=args.seed, height=height, width=width, anchor=not args.no_anchor)
+    height, width = _default_side(images[0], config.latent_stride)
+    # Unset settings: this model's defaults, the start frame's size, the SMP when the model has a trained one.
+    defaults = {**TransitionOptions.defaults(tiny=source.startswith("tiny-")), "height": height, "width": width,
+                "smp": "predict" if config.smp is not None else "none"}
+    base = TransitionOptions.from_args(args, defaults=defaults)
     check_options(config, base)
+    height, width = base.height, base.width
     if args.fps <= 0:
         raise ConfigError(f"--fps must be > 0, got {args.fps}")
     if not args.model:
@@ -170,22 +147,18 @@ def run(args: argparse.Namespace, log=print, *, pipe=None) -> str:
         log("this model has no trained Semantic Motion Predictor: using plain token interpolation (--smp none)")
     if any(im.size != (width, height) for im in images):
         log(f"frames are scaled to cover {width}x{height} and centre-cropped")
-    on_accel = jax.default_backend() != "cpu"
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[
-        args.dtype or ("bfloat16" if on_accel else "float32")]
-    if pipe is not None:
-        dtype = pipe.components.dtype
+    dtype = pipe.components.dtype if pipe is not None else compute_dtype(args.dtype)
     t0 = time.perf_counter()
     pipe = pipe or TransitionPipeline.from_pretrained(source, dtype=dtype, motion_norm=args.motion_norm)
     load_s = time.perf_counter() - t0
+    progress = Progress(bars=not args.quiet, listener=listener)
     tokens, uncond = pipe.image_tokens([fit_image(im, height, width) for im in images])
     frames, transitions = [], []
     for k in range(len(images) - 1):
         options = dataclasses.replace(base, prompt=args.prompt if args.prompt is not None else prompts[k + 1])
         if len(images) > 2 and not args.quiet:
             log(f"transition {k + 1}/{len(images) - 1}: {files[k]} -> {files[k + 1]}")
-        result = pipe(images[k], images[k + 1], options, progress=not args.quiet,
-                      tokens=(tokens[k:k + 2], uncond))
+        result = pipe(images[k], images[k + 1], options, progress=progress, tokens=(tokens[k:k + 2], uncond))
         # Consecutive transitions share their boundary frame: write it once.
         frames.append(result.frames if k == 0 else result.frames[1:])
         transitions.append({"start": files[k], "end": files[k + 1], "prompt": options.prompt,
@@ -195,9 +168,9 @@ def run(args: argparse.Namespace, log=print, *, pipe=None) -> str:
         "model": pipe.components.source,
         "dtype": jnp.dtype(dtype).name,
         "devices": [str(d) for d in pipe.mesh.devices.flat],
-        "settings": {**dataclasses.asdict(base), "fps": args.fps,
+        "settings": {**base.to_dict(), "fps": args.fps,
                      "motion_norm": "per-frame" if pipe.config.unet.motion.per_frame_norm else "across-frames"},
-        "seed": args.seed,
+        "seed": base.seed,
         "has_smp": pipe.has_smp,
         "frames": int(video.shape[0]),
         "size": [int(video.shape[1]), int(video.shape[2])],
@@ -211,7 +184,7 @@ def run(args: argparse.Namespace, log=print, *, pipe=None) -> str:
 
 def _write(out: str, kind: str, video, fps: float, manifest: dict, write_video) -> None:
     """Video + manifest, both or neither: temporary names first, renamed at the end."""
-    from storydiff_jax.outputs import staged_folder
+    from storydiff_jax.outputs import staged_folder, staging_file
 
     if kind == "folder":
         with staged_folder(out) as tmp:
@@ -226,7 +199,7 @@ def _write(out: str, kind: str, video, fps: float, manifest: dict, write_video) 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     manifest_path = os.path.splitext(out)[0] + ".json"
-    fd, tmp_manifest = tempfile.mkstemp(prefix=".transition-", suffix=".json.partial", dir=parent)
+    fd, tmp_manifest = staging_file(parent, ".transition-", ".json.partial")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(manifest, f, indent=2)
@@ -239,9 +212,14 @@ def _write(out: str, kind: str, video, fps: float, manifest: dict, write_video) 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from storydiff_jax import compile_cache
     from storydiff_jax.cli import run_command
 
-    return run_command(lambda: run(args), interrupted="no video was written")
+    def work():
+        compile_cache.enable(args.compile_cache)
+        run(args)
+
+    return run_command(work, interrupted="no video was written")
 
 
 if __name__ == "__main__":

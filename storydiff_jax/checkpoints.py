@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 
 import numpy as np
 
 from .errors import CheckpointError
+from .outputs import staging_dir
 
 FORMAT = "storydiff-jax"
 FORMAT_VERSION = 1
@@ -111,7 +111,7 @@ class PipelineWriter:
             raise CheckpointError(f"{dst} already exists; choose another --dst or pass --overwrite")
         parent = os.path.dirname(self.dst)
         os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.dst)}.partial-", dir=parent)
+        self.tmp = staging_dir(parent, f".{os.path.basename(self.dst)}.partial-")
         self.overwrite = overwrite
 
     def __enter__(self) -> PipelineWriter:

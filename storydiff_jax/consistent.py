@@ -51,18 +51,34 @@ class CSASettings:
     p_late: float = 0.9             # P(CSA) for step >= switch_step
 
 
-def csa_layers(config: UNetConfig, latent_hw: tuple[int, int]) -> list[int]:
-    """Token count of each CSA layer (the up blocks' attn1), in the order the U-Net calls them."""
+@dataclass(frozen=True)
+class CSALayout:
+    """The U-Net's CSA layers (the up blocks' attn1) in the order it calls them: each one's token count
+    (latent positions at its resolution) and channel width. One walk of the up blocks serves the hooks'
+    shapes, the bank's layout and the window carry."""
+    tokens: tuple[int, ...]
+    widths: tuple[int, ...]
+
+
+def csa_layout(config: UNetConfig, latent_hw: tuple[int, int]) -> CSALayout:
+    """Token count and channel width of every CSA layer, in call order."""
     levels = len(config.block_out_channels)
-    tokens = []
+    tokens, widths = [], []
     for i, kind in enumerate(config.up_block_types):
         if not kind.startswith("CrossAttn"):
             continue
-        scale = 2 ** (levels - 1 - i)
+        level = levels - 1 - i
+        scale = 2 ** level
         h, w = -(-latent_hw[0] // scale), -(-latent_hw[1] // scale)
-        depth = config.transformer_layers_per_block[levels - 1 - i]
-        tokens += [h * w] * ((config.layers_per_block + 1) * depth)
-    return tokens
+        count = (config.layers_per_block + 1) * config.transformer_layers_per_block[level]
+        tokens += [h * w] * count
+        widths += [config.block_out_channels[level]] * count
+    return CSALayout(tuple(tokens), tuple(widths))
+
+
+def csa_layers(config: UNetConfig, latent_hw: tuple[int, int]) -> list[int]:
+    """Token count of each CSA layer (the up blocks' attn1), in the order the U-Net calls them."""
+    return list(csa_layout(config, latent_hw).tokens)
 
 
 def sampling_rate(tokens: int, image_hw: tuple[int, int], settings: CSASettings) -> float:
@@ -171,10 +187,6 @@ def draw_read_flips(seed: int, n_panels: int, steps: int, n_layers: int, setting
         np.zeros((0, steps, n_layers), bool)
 
 
-def _heads(attn: Attention, x: jax.Array) -> jax.Array:
-    return x.reshape(*x.shape[:-1], attn.heads, attn.dim_head)
-
-
 class _LayerCounter:
     """The U-Net calls the hook once per CSA layer in a fixed order; count to know which layer it is."""
 
@@ -193,7 +205,7 @@ class _LayerCounter:
 
 
 def _kv(attn: Attention, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return _heads(attn, attn.to_k(x)), _heads(attn, attn.to_v(x))
+    return attn.split_heads(attn.to_k(x)), attn.split_heads(attn.to_v(x))
 
 
 def _attend(attn: Attention, q, keys, values, lengths, own: int = 0) -> jax.Array:
@@ -227,7 +239,7 @@ class WriteHook(_LayerCounter):
         # Official layout: each CFG half's n images form one sequence of n*L tokens.
         halves = x.reshape(2, n * L, C)
         self.bank.append(jnp.take(halves, self.index[L], axis=1))          # [2, K_L, C], stored every step
-        q = _heads(attn, attn.to_q(x))
+        q = attn.split_heads(attn.to_q(x))
         k, v = _kv(attn, halves)                                            # [2, n*L, H, D]
 
         def keys(t):
@@ -256,7 +268,7 @@ class ReadHook(_LayerCounter):
         layer = self.take(rows, L)
         b = rows // 2
         chars, _, k_cap, _ = self.bank[layer].shape
-        q = _heads(attn, attn.to_q(x))
+        q = attn.split_heads(attn.to_q(x))
         k, v = _kv(attn, x)
         stored = jnp.swapaxes(self.bank[layer], 0, 1).reshape(2, chars * k_cap, C).astype(x.dtype)
         kb, vb = _kv(attn, stored)                           # projected once, shared by the half's rows
@@ -329,7 +341,7 @@ class WindowHook(_LayerCounter):
         w = self.related.shape[-1]
         ext = jnp.concatenate([self.carry[layer].astype(x.dtype), x.reshape(2, p, L, C)], axis=1)  # [2, E, L, C]
         self.tokens.append(ext[:, ext.shape[1] - (w - 1):])
-        q, k, v = (_heads(attn, proj(ext)) for proj in (attn.to_q, attn.to_k, attn.to_v))  # [2, E, L, H, D]
+        q, k, v = (attn.split_heads(proj(ext)) for proj in (attn.to_q, attn.to_k, attn.to_v))  # [2, E, L, H, D]
         slot = np.arange(p)[:, None] + np.arange(w)[None, :]                # [P, W]: extended panel of each slot
         sel = self.selection[L]                                              # [P, W, k]
         n_sel = sel.shape[-1]

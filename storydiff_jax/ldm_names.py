@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from storydiff_jax.errors import ConfigError
+from storydiff_jax.models.unet import UNetConfig
 
 # Each map is a table {LDM module prefix: (diffusers module prefix, kind)} built from the config; `kind`
 # says how the rest of the key (inside that module) is renamed.
@@ -33,18 +34,6 @@ VAE_RESNET_LAYERS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv
                      "nin_shortcut": "conv_shortcut"}
 VAE_ATTENTION_LAYERS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
-DOWN_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
-UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
-
-
-def _per_level(value, n: int, name: str) -> list[int]:
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ConfigError(f"unet config: {name} has {len(value)} entries for {n} levels; fix the config")
-        return [int(v) for v in value]
-    return [int(value)] * n
-
-
 def unet_module_map(config: Mapping) -> dict[str, tuple[str, str]]:
     """LDM UNet module prefixes (without `model.diffusion_model.`) -> (diffusers prefix, kind).
 
@@ -54,18 +43,9 @@ def unet_module_map(config: Mapping) -> dict[str, tuple[str, str]]:
     first (the same order as diffusers' up_blocks), the Upsample riding in the last slot of each level but
     the last, after the attention if the level has one.
     """
-    down, up = list(config["down_block_types"]), list(config["up_block_types"])
-    n = len(down)
-    if len(up) != n or any(t not in DOWN_TYPES for t in down) or any(t not in UP_TYPES for t in up):
-        raise ConfigError(f"unet config: block types {down} / {up} are not an SD-style UNet; single-file "
-                          f"conversion supports {DOWN_TYPES} down and {UP_TYPES} up blocks")
-    if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
-        raise ConfigError(f"unet config: mid_block_type {config['mid_block_type']!r} is not supported in single "
-                          f"files; only UNetMidBlock2DCrossAttn")
-    if config.get("class_embed_type") is not None or config.get("addition_embed_type") not in (None, "text_time"):
-        raise ConfigError("unet config: only addition_embed_type 'text_time' (SDXL) or none (SD1.5) is supported "
-                          "in single files")
-    layers = _per_level(config.get("layers_per_block", 2), n, "layers_per_block")
+    # The same checks (block types, mid block, added embeddings) and defaults as loading the U-Net itself.
+    cfg = UNetConfig.from_dict(dict(config))
+    down, up, n, layers = cfg.down_block_types, cfg.up_block_types, len(cfg.down_block_types), cfg.layers_per_block
 
     table: dict[str, tuple[str, str]] = {
         "input_blocks.0.0": ("conv_in", LEAF),
@@ -77,7 +57,7 @@ def unet_module_map(config: Mapping) -> dict[str, tuple[str, str]]:
         "middle_block.1": ("mid_block.attentions.0", SAME),
         "middle_block.2": ("mid_block.resnets.1", UNET_RESNET),
     }
-    if config.get("addition_embed_type") == "text_time":
+    if cfg.is_sdxl:
         # SDXL's pooled-text + time-ids embedding: label_emb = Sequential(Sequential(Linear, SiLU, Linear)).
         table["label_emb.0.0"] = ("add_embedding.linear_1", LEAF)
         table["label_emb.0.2"] = ("add_embedding.linear_2", LEAF)
@@ -85,7 +65,7 @@ def unet_module_map(config: Mapping) -> dict[str, tuple[str, str]]:
     slot = 1
     for level, block_type in enumerate(down):
         attention = block_type.startswith("CrossAttn")
-        for j in range(layers[level]):
+        for j in range(layers):
             table[f"input_blocks.{slot}.0"] = (f"down_blocks.{level}.resnets.{j}", UNET_RESNET)
             if attention:
                 table[f"input_blocks.{slot}.1"] = (f"down_blocks.{level}.attentions.{j}", SAME)
@@ -94,15 +74,14 @@ def unet_module_map(config: Mapping) -> dict[str, tuple[str, str]]:
             table[f"input_blocks.{slot}.0.op"] = (f"down_blocks.{level}.downsamplers.0.conv", LEAF)
             slot += 1
 
-    up_layers = list(reversed(layers))  # diffusers: up block k has reversed(layers_per_block)[k] + 1 resnets
     slot = 0
     for level, block_type in enumerate(up):
         attention = block_type.startswith("CrossAttn")
-        for j in range(up_layers[level] + 1):
+        for j in range(layers + 1):
             table[f"output_blocks.{slot}.0"] = (f"up_blocks.{level}.resnets.{j}", UNET_RESNET)
             if attention:
                 table[f"output_blocks.{slot}.1"] = (f"up_blocks.{level}.attentions.{j}", SAME)
-            if j == up_layers[level] and level < n - 1:
+            if j == layers and level < n - 1:
                 table[f"output_blocks.{slot}.{2 if attention else 1}.conv"] = (
                     f"up_blocks.{level}.upsamplers.0.conv", LEAF)
             slot += 1

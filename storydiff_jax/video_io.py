@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageSequence
 
 from .errors import ConfigError
+from .outputs import staging_dir, staging_file
 
 FORMATS = (".mp4", ".gif", "a folder (path ending in '/')")
 _FRAME_NAME = re.compile(r"^frame_(\d+)\.png$")
@@ -164,7 +165,7 @@ def write_video(frames, path: str | os.PathLike, fps: float = 8) -> str:
     checked = _frames(frames)
     frames = itertools.chain([next(checked)], checked)
     if kind == "folder":
-        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp.")
+        tmp = staging_dir(parent, f".{name}.tmp.")
         try:
             _write_folder(_frames(frames), tmp)
             _replace_folder(tmp, target)
@@ -172,7 +173,7 @@ def write_video(frames, path: str | os.PathLike, fps: float = 8) -> str:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return target + os.sep
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
+    fd, tmp = staging_file(parent, f".{name}.", ".tmp")
     os.close(fd)
     try:
         (_write_mp4 if kind == "mp4" else _write_gif)(_frames(frames), tmp, fps)

@@ -15,7 +15,7 @@ import numpy as np
 from conftest import cpu_env
 
 _DEVICES_SCRIPT = r"""
-import json, sys
+import dataclasses, json, sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import PartitionSpec
 sys.path.insert(0, "tests")
@@ -25,6 +25,7 @@ from storydiff_jax import consistent as csa
 from storydiff_jax.models.unet import FreeU
 from storydiff_jax.pipelines import StoryOptions, StoryPipeline
 from storydiff_jax.pipelines.components import load_components
+from storydiff_jax.pipelines.story import Conditioning
 from storydiff_jax.schedulers import make_sampler
 from storydiff_jax.story import parse_story
 
@@ -36,9 +37,7 @@ rng = np.random.default_rng(0)
 ctx_all = jnp.asarray(rng.standard_normal((2 * n, 77, comps.config.unet.cross_attention_dim)), jnp.float32)
 pooled_all = jnp.asarray(rng.standard_normal((2 * n, comps.config.unet.text_embeds_dim)), jnp.float32)
 
-def rows(indices):
-    idx = np.concatenate([np.asarray(indices), n + np.asarray(indices)])
-    return ctx_all[idx], pooled_all[idx]
+rows = Conditioning(ctx_all, pooled_all)
 
 out = {}
 for d in (1, 8):
@@ -46,9 +45,10 @@ for d in (1, 8):
     sampler = make_sampler("ddim", comps.config.scheduler, o.steps)
     layers = csa.csa_layers(comps.config.unet, (8, 8))
     noise0 = jax.random.normal(jax.random.key(0), (8, 8, 4))
-    w, chunk, (x0, ctx, pooled, chars, n_panels) = pipe._window_inputs(story, o, rows, noise0)
+    story_run = dataclasses.replace(pipe.prepare_run(story, o, rows), noise=noise0[None])
+    w, chunk, (x0, cond, chars, n_panels) = pipe._window_inputs(story_run)
     run = pipe._window_program(sampler, layers, FreeU(), w, chunk, (64, 64), o.csa())
-    args = (pipe._unet_state, x0, ctx, pooled, jnp.ones((1, 6)), jnp.float32(5.0), chars, n_panels, jax.random.key(1))
+    args = (pipe._unet_state, x0, cond, jnp.ones((1, 6)), jnp.float32(5.0), chars, n_panels, jax.random.key(1))
     compiled = run.lower(*args).compile(FAST)
     x_sharding = compiled.input_shardings[0][1]
     x = compiled(*args)

@@ -122,3 +122,22 @@ def test_sd15_story_with_odd_latent_sides():
     assert len(result.panels) == 7 and all(p.size == (96, 96) for p in result.panels)
     assert result.info["layer_tokens"] == [9, 9, 36, 36, 144, 144]
     assert len({np.asarray(p).tobytes() for p in result.panels}) > 1
+
+
+def test_progress_is_per_run_and_ticks_from_the_step_loop(pipe):
+    """A run's own listener sees its phases step by step, on the caller's thread: the ticks come from the loop that
+    calls the denoising programs once per step (no host callback inside them, so JAX's persistent cache can keep
+    them), and watching changes neither the programs nor the pixels."""
+    import threading
+
+    from storydiff_jax.pipelines.progress import Progress
+
+    seen = []
+    listener = lambda *tick: seen.append((*tick, threading.get_ident()))  # noqa: E731
+    watched = pipe(STORY, opts(seed=1), progress=Progress(listener=listener))
+    quiet = pipe(STORY, opts(seed=1), progress=False)
+    assert all(np.array_equal(x, y) for x, y in zip(arrays(watched), arrays(quiet)))
+    assert np.array_equal(watched.latents, quiet.latents) and watched.latents.shape == (7, 8, 8, 4)
+    assert [phase for phase, done, _, _ in seen if done == 0] == ["write Ana", "write Bo", "read", "decode"]
+    assert [done for phase, done, _, _ in seen if phase == "write Ana"] == [0, 1, 2, 3]
+    assert seen[-1][:3] == ("decode", 7, 7) and {t for *_, t in seen} == {threading.get_ident()}

@@ -14,6 +14,7 @@ import pytest
 from storydiff_jax import consistent as csa
 from storydiff_jax.models.unet import FreeU
 from storydiff_jax.pipelines import StoryPipeline
+from storydiff_jax.pipelines.story import Conditioning
 from storydiff_jax.schedulers import make_sampler
 
 # The tiny programs are not worth LLVM's expensive passes (compilation dominates on CPU).
@@ -35,8 +36,8 @@ def _temp_bytes(pipe, panels, window=3, chunk=8, steps=2, side=64):
     spec = jax.ShapeDtypeStruct
     args = (pipe._unet_state,
             spec((chunks, chunk, h, w, 4), jnp.float32),
-            spec((chunks, 2 * chunk, 77, cfg.unet.cross_attention_dim), jnp.float32),
-            spec((chunks, 2 * chunk, cfg.unet.text_embeds_dim), jnp.float32),
+            Conditioning(spec((chunks, 2 * chunk, 77, cfg.unet.cross_attention_dim), jnp.float32),
+                         spec((chunks, 2 * chunk, cfg.unet.text_embeds_dim), jnp.float32)),
             spec((1, 6), jnp.float32), spec((), jnp.float32),
             spec((chunks, chunk, 2), jnp.bool_), spec((), jnp.int32), jax.random.key(0))
     return run.lower(*args).compile(FAST).memory_analysis().temp_size_in_bytes

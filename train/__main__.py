@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 
+from storydiff_jax import compile_cache
 from storydiff_jax.cli import run_command
 
 DESCRIPTION = """\
@@ -89,6 +90,7 @@ def _smp_parser(sub):
     p.add_argument("--log-every", type=int, default=10, help="metrics every N steps")
     _distributed_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar; metrics as log lines")
+    compile_cache.add_argument(p)
     return p
 
 
@@ -159,6 +161,7 @@ def _features_parser(sub):
     _distributed_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing CACHE_DIR (or an unfinished one)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    compile_cache.add_argument(p)
     return p
 
 
@@ -167,6 +170,7 @@ def _cache_features(args) -> int:
         from .config import TrainConfig
         from .features import write_features
 
+        compile_cache.enable(args.compile_cache)
         _start_distributed(args)
         cfg = TrainConfig(model=args.model or args.preset or "tiny-video", data_dir=args.data_dir,
                           frames=args.frames, resolution=args.resolution, dtype=args.dtype,
@@ -237,6 +241,7 @@ def main(argv=None) -> int:
         from .config import TrainConfig
         from .loop import train
 
+        compile_cache.enable(args.compile_cache)
         _start_distributed(args)
         cfg = TrainConfig(model=args.model or args.preset or "tiny-video", data_dir=args.data_dir, steps=args.steps,
                           batch_size=args.batch_size, frames=args.frames, resolution=args.resolution, lr=args.lr,

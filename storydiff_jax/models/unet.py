@@ -125,6 +125,9 @@ class UNetConfig:
                               "(only SDXL's 'text_time')")
         down = tuple(d.get("down_block_types", cls.down_block_types))
         up = tuple(d.get("up_block_types", cls.up_block_types))
+        if len(down) != levels or len(up) != levels:
+            raise ConfigError(f"unet config: {len(down)} down and {len(up)} up block types for {levels} levels "
+                              "(block_out_channels); fix the config")
         for t in down:
             if t not in _DOWN_TYPES:
                 raise ConfigError(f"unet config: down block type {t!r} is not supported ({', '.join(_DOWN_TYPES)})")
@@ -253,6 +256,12 @@ def _add_control(skips: list, x: jax.Array, control: ControlResiduals) -> tuple[
                           "skips; the ControlNet was made for another U-Net architecture")
     skips = [s + r.astype(s.dtype) for s, r in zip(skips, control.down)]
     return skips, x + control.mid.astype(x.dtype)
+def _transformer(cfg: UNetConfig, level: int, channels: int, *, ip_adapter: bool, dtype,
+                 rngs: nnx.Rngs) -> Transformer2D:
+    """The spatial transformer of a block at `level` (its heads and depth per level, as the config says)."""
+    return Transformer2D(channels, cfg.num_attention_heads[level], cfg.transformer_layers_per_block[level],
+                         cfg.cross_attention_dim, use_linear_projection=cfg.use_linear_projection,
+                         groups=cfg.norm_num_groups, ip_adapter=ip_adapter, dtype=dtype, rngs=rngs)
 
 
 class DownBlock(nnx.Module):
@@ -265,9 +274,7 @@ class DownBlock(nnx.Module):
                           groups=cfg.norm_num_groups, eps=cfg.norm_eps, dtype=dtype, rngs=rngs)
             for j in range(cfg.layers_per_block)])
         self.attentions = nnx.List([
-            Transformer2D(out_ch, cfg.num_attention_heads[level], cfg.transformer_layers_per_block[level],
-                          cfg.cross_attention_dim, use_linear_projection=cfg.use_linear_projection,
-                          groups=cfg.norm_num_groups, ip_adapter=ip_adapter, dtype=dtype, rngs=rngs)
+            _transformer(cfg, level, out_ch, ip_adapter=ip_adapter, dtype=dtype, rngs=rngs)
             for _ in range(cfg.layers_per_block)]) if attention else None
         self.motion_modules = (nnx.List([motion_module(out_ch) for _ in range(cfg.layers_per_block)])
                                if motion_module else None)
@@ -297,10 +304,7 @@ class MidBlock(nnx.Module):
         self.resnets = nnx.List([
             ResnetBlock2D(ch, ch, temb_channels=cfg.time_embed_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
                           dtype=dtype, rngs=rngs) for _ in range(2)])
-        self.attentions = nnx.List([
-            Transformer2D(ch, cfg.num_attention_heads[-1], cfg.transformer_layers_per_block[-1],
-                          cfg.cross_attention_dim, use_linear_projection=cfg.use_linear_projection,
-                          groups=cfg.norm_num_groups, ip_adapter=ip_adapter, dtype=dtype, rngs=rngs)])
+        self.attentions = nnx.List([_transformer(cfg, -1, ch, ip_adapter=ip_adapter, dtype=dtype, rngs=rngs)])
         # AnimateDiff v2's mid block: resnet -> transformer -> motion module -> resnet.
         self.motion_modules = nnx.List([motion_module(ch)]) if motion_module else None
 
@@ -327,9 +331,7 @@ class UpBlock(nnx.Module):
                           dtype=dtype, rngs=rngs)
             for j in range(n)])
         self.attentions = nnx.List([
-            Transformer2D(out_ch, cfg.num_attention_heads[level], cfg.transformer_layers_per_block[level],
-                          cfg.cross_attention_dim, use_linear_projection=cfg.use_linear_projection,
-                          groups=cfg.norm_num_groups, ip_adapter=ip_adapter, dtype=dtype, rngs=rngs)
+            _transformer(cfg, level, out_ch, ip_adapter=ip_adapter, dtype=dtype, rngs=rngs)
             for _ in range(n)]) if attention else None
         self.motion_modules = nnx.List([motion_module(out_ch) for _ in range(n)]) if motion_module else None
         self.upsamplers = None if last else nnx.List([Upsample2D(out_ch, dtype=dtype, rngs=rngs)])
@@ -355,6 +357,17 @@ class UpBlock(nnx.Module):
 
 
 class UNet2DConditionModel(nnx.Module):
+    """diffusers' UNet2DConditionModel (SD1.5, SD2, SDXL), NHWC; parameter paths match its state dict.
+
+    Parameters:
+        config: the network's shape (`UNetConfig`, e.g. `UNetConfig.from_dict(diffusers config)` or a preset).
+        dtype: compute and parameter dtype.
+        rngs: initialisers' randomness (weights are usually loaded over them: `params.build_with_params`).
+        motion_module: builds an AnimateDiff temporal module for a channel width; given, the network is the
+            spatial part of a video U-Net (models.video_unet) with one after every (resnet, transformer) pair.
+        ip_adapter: give every cross-attention layer IP-Adapter's image-token branch (`to_k_ip`/`to_v_ip`).
+    """
+
     def __init__(self, config: UNetConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
                  motion_module: MotionFactory | None = None, ip_adapter: bool = False):
         cfg = self.config = config

@@ -1,7 +1,7 @@
-"""Multi-head attention: one function with pluggable backends, and the `Attention` layer.
-
-The layer's keys/values can take *extra tokens* besides its own input: Consistent Self-Attention
-adds tokens from other images of a story through exactly this door (see `storydiff_jax.consistent`).
+"""Multi-head attention: one function with pluggable backends, the `Attention` layer, and
+`attention_with_lengths`, the form every Consistent Self-Attention schedule runs in (each row's own tokens
+and the compacted extra tokens it may see, with a valid key length per row; see `storydiff_jax.consistent`,
+whose hooks replace the layer's self-attention call and use its projections).
 """
 
 from __future__ import annotations
@@ -128,21 +128,9 @@ class Attention(nnx.Module):
         out = dot_product_attention(q, k, v, mask, backend=backend)
         return self.to_out[0](out.reshape(*out.shape[:-2], -1))
 
-    def __call__(self, x: jax.Array, context: jax.Array | None = None, *, extra_tokens: jax.Array | None = None,
-                 extra_mask: jax.Array | None = None, backend: str = "auto") -> jax.Array:
-        """x: [B, L, C]. context: cross-attention tokens [B, S, C'].
-
-        extra_tokens: [B, E, C] more key/value tokens for self-attention (in the layer's input space,
-        projected by to_k/to_v like its own tokens); extra_mask: optional boolean [B, E], True = use.
-        """
-        if extra_tokens is None:
-            return self.attend(x, x if context is None else context, backend=backend)
-        kv = jnp.concatenate([x, extra_tokens.astype(x.dtype)], axis=1)
-        mask = None
-        if extra_mask is not None:
-            own = jnp.ones((x.shape[0], x.shape[1]), bool)
-            mask = jnp.concatenate([own, extra_mask.astype(bool)], axis=1)[:, None, None, :]
-        return self.attend(x, kv, mask, backend=backend)
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, *, backend: str = "auto") -> jax.Array:
+        """x: [B, L, C]. context: cross-attention tokens [B, S, C'] (None: self-attention)."""
+        return self.attend(x, x if context is None else context, backend=backend)
 
 
 class DecoupledCrossAttention(Attention):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 
 import jax
@@ -20,11 +19,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import ConfigError
+from ..outputs import staging_file
 
 _COMPAT_KEYS = ("model", "height", "width", "steps", "sampler")
 
 
 class CharacterBank:
+    """The banks of some characters, with what they were made with.
+
+    Parameters:
+        characters: name -> the description its id panels were generated from (in bank order).
+        tokens: per CSA layer, [steps, characters, 2, K_L, C] (device, host-memory or numpy arrays).
+        valid: per token count L, [steps, characters, K_L] bool: which of the K_L slots hold a token.
+        meta: the settings that must match to reuse the bank (see `check_compatible`).
+        layer_tokens: the token count of each CSA layer (the U-Net's layout at that size).
+    """
+
     def __init__(self, characters: dict[str, str], tokens: list[np.ndarray], valid: dict[int, np.ndarray],
                  meta: dict, layer_tokens: list[int]):
         self.characters = dict(characters)       # name -> description it was generated from
@@ -32,19 +42,6 @@ class CharacterBank:
         self.valid = dict(valid)
         self.meta = dict(meta)
         self.layer_tokens = list(layer_tokens)
-
-    @classmethod
-    def from_runs(cls, characters: dict[str, str], banks: list[tuple], valids: list[dict], meta: dict,
-                  layer_tokens: list[int], widths: list[int], dtype) -> CharacterBank:
-        """Stack per-character write outputs (tuple over layers of [steps, 2, K, C]) along a chars axis."""
-        steps = meta["steps"]
-        if banks:
-            tokens = [jnp.stack([b[layer] for b in banks], axis=1) for layer in range(len(layer_tokens))]
-            valid = {L: np.stack([v[L] for v in valids], axis=1) for L in valids[0]}
-        else:
-            tokens = [jnp.zeros((steps, 0, 2, 1, w), dtype) for w in widths]
-            valid = {L: np.zeros((steps, 0, 1), bool) for L in set(layer_tokens)}
-        return cls(characters, tokens, valid, meta, layer_tokens)
 
     @property
     def nbytes(self) -> int:
@@ -97,7 +94,7 @@ class CharacterBank:
         arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".bank-", suffix=".npz", dir=folder)
+        fd, tmp = staging_file(folder, ".bank-", ".npz")
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)

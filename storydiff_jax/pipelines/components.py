@@ -165,11 +165,21 @@ def preset_tokenizer_dir(pad_token: str) -> str:
     return _PRESET_TOKENIZERS[pad_token]
 
 
-def load_components(source: str, *, dtype=jnp.float32, seed: int = 0) -> Components:
-    """Load a converted folder, or build a preset (`tiny-sdxl`, `tiny-sd15`, `sdxl`, `sd15`) with random weights."""
+def _abstract_models(config: PipelineConfig, dtype) -> dict[str, nnx.Module]:
+    """The preset's models with shapes and dtypes but no weights (nothing is allocated)."""
+    return {name: nnx.eval_shape(lambda cls=_BUILDERS[name], cfg=config.component_config(name),
+                                 dt=component_dtype(config, name, dtype): cls(cfg, dtype=dt, rngs=nnx.Rngs(0)))
+            for name in config.components}
+
+
+def load_components(source: str, *, dtype=jnp.float32, seed: int = 0, abstract: bool = False) -> Components:
+    """Load a converted folder, or build a preset (`tiny-sdxl`, `tiny-sd15`, `sdxl`, `sd15`) with random weights.
+
+    abstract: a preset's shapes only, no weights: a pipeline built on them compiles its programs (for cost and
+    compile-time measurements) but cannot run them."""
     if source in PRESETS:
         config = PRESETS[source]
-        models = _random_models(config, seed, dtype)
+        models = _abstract_models(config, dtype) if abstract else _random_models(config, seed, dtype)
         tok = clip_text.load_tokenizer(preset_tokenizer_dir("<|endoftext|>"))
         tok2 = clip_text.load_tokenizer(preset_tokenizer_dir("!")) if config.text_encoder_2 else None
         return Components(config, models["unet"], models["vae"], models["text_encoder"],

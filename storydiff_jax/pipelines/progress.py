@@ -1,50 +1,59 @@
-"""Progress of long sampling loops: one bar at a time, fed from inside jitted programs.
+"""Progress of one run: a console bar per phase and/or a listener (a UI's progress widget).
 
-A jitted `lax.scan` cannot call tqdm itself; each loop iteration calls `tick_from_jit(i)`, which goes
-through `jax.debug.callback` to the host. Besides the console bar, a `listener(phase, done, total)` can be
-set (a UI's progress widget); it sees the same ticks.
+Each run makes its own `Progress` and hands it to its phases; nothing is shared between runs (two
+requests in one process, or a library user's own loop, never see each other's bars). The ticks come
+from the host loop that calls the denoising programs one step at a time (`pipelines.base.run_steps`):
+the programs themselves carry no host callback, which is what lets JAX's persistent compilation cache
+keep them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
-import jax
+Listener = Callable[[str, int, int], None]   # (phase, done, total)
 
 
 class Progress:
-    bar = None
-    phase: str = ""
-    done: int = 0
-    total: int = 0
-    listener: Callable[[str, int, int], None] | None = None
+    """bars: draw a tqdm bar per phase; listener: called with (phase, done, total) at each phase start and tick."""
 
-    @classmethod
-    def start(cls, enabled: bool, total: int, desc: str) -> None:
-        cls.close()
-        cls.phase, cls.done, cls.total = desc, 0, total
-        if enabled:
+    def __init__(self, bars: bool = False, listener: Listener | None = None):
+        self.bars = bars
+        self.listener = listener
+        self.desc, self.done, self.total = "", 0, 0
+        self._bar = None
+
+    @property
+    def watched(self) -> bool:
+        """Somebody follows the steps: the step loop then waits for each step to report it."""
+        return self.bars or self.listener is not None
+
+    @contextmanager
+    def phase(self, desc: str, total: int) -> Iterator[Progress]:
+        """A phase of `total` ticks; its bar closes when the block ends (also on an error)."""
+        self.desc, self.done, self.total = desc, 0, total
+        if self.bars:
             from tqdm import tqdm
 
-            cls.bar = tqdm(total=total, desc=desc, unit="step", leave=True)
-        if cls.listener is not None:
-            cls.listener(desc, 0, total)
+            self._bar = tqdm(total=total, desc=desc, unit="step", leave=True)
+        if self.listener is not None:
+            self.listener(desc, 0, total)
+        try:
+            yield self
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+            self._bar = None
 
-    @classmethod
-    def tick(cls, *_) -> None:
-        cls.done += 1
-        if cls.bar is not None:
-            cls.bar.update(1)
-        if cls.listener is not None:
-            cls.listener(cls.phase, cls.done, cls.total)
-
-    @classmethod
-    def close(cls) -> None:
-        if cls.bar is not None:
-            cls.bar.close()
-        cls.bar = None
+    def tick(self, n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        if self.listener is not None:
+            self.listener(self.desc, self.done, self.total)
 
 
-def tick_from_jit(i) -> None:
-    """Call inside a jitted loop body: one tick per iteration, on the host."""
-    jax.debug.callback(Progress.tick, i)
+def as_progress(progress: bool | Progress) -> Progress:
+    """The pipelines' `progress=` argument: True/False (console bars or none) or a run's own Progress."""
+    return progress if isinstance(progress, Progress) else Progress(bars=bool(progress))

@@ -1,18 +1,21 @@
 """StoryPipeline: a story script in, subject-consistent panels and comic pages out.
 
-Phases (each one jitted program whose denoising loop is a `lax.scan` over steps):
-  write  - per character, its id panels denoised together with Consistent Self-Attention, returning
-           the character's bank (sampled attention-input tokens per step and layer);
-  read   - all other panels, in fixed-size batches, attending to the banks of the characters they name;
-  decode - VAE decode of every panel's latents.
-`mode="window"` replaces write/read by the paper's Algorithm 1: stride-1 sliding windows, outputs averaged
-per panel, chunks of panels sharded over `data` (see consistent.WindowHook).
+`__call__` reads as its stages: check the inputs and parse the story; encode every panel's prompts (its
+conditioning rows); prepare the run (one frozen `StoryRun` of the constants every phase shares); denoise;
+decode; typeset. Denoising follows one of two schedules (`StoryOptions.mode`):
+  bank   - write: per character, its id panels denoised together with Consistent Self-Attention, filling the
+           character's bank (sampled attention-input tokens per step and layer); read: every other panel, in
+           fixed-size batches, attending to the banks of the characters it names;
+  window - the paper's Algorithm 1: stride-1 sliding windows, outputs averaged per panel, chunks of panels
+           sharded over `data` (see consistent.WindowHook).
+Each phase is a method taking the run and returning its latents; it runs one jitted program, called once per
+denoising step (`base.run_steps`).
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -26,38 +29,54 @@ from .. import consistent as csa
 from ..errors import ConfigError
 from ..models.clip_text import tokenize
 from ..models.unet import FreeU
-from ..schedulers import make_sampler
-from ..sharding import batch_sharded, data_mesh, host_memory, put_batch, put_replicated, replicated
-from ..story import Story, apply_style, parse_story, typeset
+from ..options import Options, option
+from ..schedulers import SAMPLERS, Sampler, make_sampler
+from ..sharding import batch_sharded, host_memory, put_batch, replicated
+from ..story import LAYOUTS, Story, apply_style, get_style, parse_story, style_names, typeset
 from .bank import CharacterBank
+from .base import Pipeline, run_steps, timed, to_uint8
 from .components import Components, load_components
-from .progress import Progress, tick_from_jit
+from .progress import Progress, as_progress
 
 MODES = ("bank", "window")
 
 
 @dataclass(frozen=True)
-class StoryOptions:
-    """Every setting of a story run (written to story.json)."""
-    style: str = "none"
-    negative: str = ""
-    steps: int = 35
-    guidance: float = 5.0
-    height: int = 768
-    width: int = 768
-    seed: int = 0
-    id_length: int | None = None         # None: 4, or the most the story allows
-    sa32: float = 0.5
-    sa64: float = 0.5
-    mode: str = "bank"
-    window: int = 4                      # window mode: panels per sliding window (stride 1)
-    chunk: int | None = None             # window mode: panels denoised together; None: all of them
-    layout: str = "four-panel"
-    sampler: str = "ddim"
-    freeu: bool = True
-    read_batch: int | None = None        # None: 4 rounded up to a multiple of the device count
-    font: str | None = None
-    bank_offload: bool = False           # keep banks in host memory, stream each step's slice to the device
+class StoryOptions(Options):
+    """Every setting of a story run (written to story.json). The command line, the web form and the checks
+    below are generated from these declarations (see `storydiff_jax.options`)."""
+    style: str = option("none", f"style template: {', '.join(style_names())}", choices=style_names, strict=False,
+                        form="look")
+    negative: str = option("", "extra negative prompt (added to the style's)", default_text="", form="prompt",
+                           label="negative prompt (added to the style's)")
+    steps: int = option(35, "denoising steps", tiny=8, form="size")
+    guidance: float = option(5.0, "classifier-free guidance scale", form="sampling")
+    height: int = option(768, "image height, a multiple of 32", tiny=128, form="size", step=32)
+    width: int = option(768, "image width, a multiple of 32", tiny=128, form="size", step=32)
+    seed: int = option(0, "random seed; same seed, same panels", form="sampling")
+    id_length: int | None = option(None, "id panels per character", default_text="4, or the most the story allows",
+                                   choices=range(1, 9), strict=False, form="sampling", widget="auto",
+                                   label="id length")
+    sa32: float = option(0.5, "token sampling rate at 1/32 resolution", form="csa", widget="slider", bounds=(0, 1),
+                         step=0.05)
+    sa64: float = option(0.5, "token sampling rate at other resolutions", form="csa", widget="slider",
+                         bounds=(0, 1), step=0.05)
+    mode: str = option("bank", "bank: official id-panel write/read; window: the paper's sliding-window batch mode "
+                       "for long stories (memory independent of the number of panels)", choices=MODES, form="look",
+                       widget="radio")
+    window: int = option(4, "panels per window in --mode window", form="more", label="window (window mode)")
+    chunk: int | None = option(None, "--mode window: panels denoised together, the last window-1 carried to the "
+                               "next chunk", default_text="all panels")
+    layout: str = option("four-panel", "comic page layout", choices=LAYOUTS, form="look")
+    sampler: str = option("ddim", "sampler", choices=SAMPLERS, default_text="ddim, as the official StoryDiffusion",
+                          form="more", widget="radio")
+    freeu: bool = option(True, "turn FreeU off (on by default: s1 0.6 s2 0.4 b1 1.1 b2 1.2)", form="more",
+                         label="FreeU")
+    read_batch: int | None = option(None, "panels denoised together in the read phase",
+                                    default_text="4; rounded up to a multiple of the device count")
+    font: str | None = option(None, "TrueType font for captions", default_text="Pillow's built-in font")
+    bank_offload: bool = option(False, "keep character banks in host memory and stream each step's tokens to the "
+                                "accelerator (long stories / large images on small GPUs)")
 
     def __post_init__(self):
         # Checked here, not in the pipeline, so every caller (CLI, web app, Python) gets the same one-line
@@ -77,9 +96,60 @@ class StoryOptions:
             raise ConfigError(f"guidance must be a finite number >= 0, got {self.guidance}; pass e.g. --guidance 5")
         if not (0.0 <= self.sa32 <= 1.0 and 0.0 <= self.sa64 <= 1.0):
             raise ConfigError("sa32 and sa64 are sampling rates: use values in [0, 1]")
+        get_style(self.style)  # an unknown style: its own one-line error, before any work
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"unknown comic layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
     def csa(self) -> csa.CSASettings:
         return csa.CSASettings(sa32=self.sa32, sa64=self.sa64)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Conditioning:
+    """What the U-Net is conditioned on, in classifier-free-guidance rows.
+
+    For a batch of B panels the rows are [uncond of each panel..., cond of each panel...]; a run's table holds
+    every panel (B = the story's panel count) and `select` takes a batch's rows from it. Every field has the
+    row axis first, so per-panel conditioning travels with its panel through write, read and window batches
+    (and window chunks) without those phases knowing what it is: a new kind (a control image per panel, a
+    second prompt encoding for late steps) is one more field here and its use in `StoryPipeline._unet_eps`.
+    """
+    context: jax.Array                  # [R, 77, D] text tokens for the cross-attention
+    pooled: jax.Array | None = None     # [R, P] SDXL's pooled text embedding (None on SD1.5)
+
+    def select(self, panels: Sequence[int]) -> Conditioning:
+        """The rows of these panels (repeats allowed: padding) from a table of every panel."""
+        n = self.context.shape[0] // 2
+        rows = np.concatenate([np.asarray(panels), n + np.asarray(panels)])
+        return jax.tree.map(lambda a: a[rows], self)
+
+
+@dataclass(frozen=True)
+class StoryRun:
+    """One story run's constants, built once in `StoryPipeline.__call__` and handed to every phase."""
+    story: Story
+    options: StoryOptions
+    sampler: Sampler
+    layout: csa.CSALayout               # the CSA layers' token counts and widths at this size
+    freeu: FreeU | None
+    conditioning: Conditioning          # every panel's rows: [uncond 0..n-1, cond 0..n-1]
+    noise: jax.Array                    # [id images, h, w, c] starting latents (noise x the initial sigma)
+    time_ids: jax.Array                 # SDXL's size conditioning [1, 6]
+    guidance: jax.Array
+    key: jax.Array                      # window mode's in-program draws
+    progress: Progress
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return self.options.height, self.options.width
+
+    def panel_noise(self, count: int) -> jax.Array:
+        """Starting latents of `count` panels outside the id batches: the official code reseeds before each
+        pipeline call, so every single-panel run starts from the noise of id image 0."""
+        return jnp.broadcast_to(self.noise[0], (count,) + self.noise.shape[1:])
 
 
 @dataclass
@@ -88,50 +158,125 @@ class StoryResult:
     pages: list[Image.Image]
     story: Story
     bank: CharacterBank | None
-    info: dict[str, Any] = field(default_factory=dict)
-    # The final (denoised, not yet decoded) latents, float32 [n_panels, h, w, c] in panel order: what the
-    # pipeline-level parity tests compare with diffusers before the uint8 rounding of the pictures.
-    latents: np.ndarray | None = None
+    latents: np.ndarray                 # float32 [n, h, w, c]: every panel's final latents, in panel order
+    info: dict[str, Any]
 
 
-def _to_uint8(images: jax.Array) -> jax.Array:
-    return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+class StoryPipeline(Pipeline):
+    """A story in, consistent panels and comic pages out, on an SDXL or SD1.5 model.
 
+    Parameters:
+        components: the loaded model parts (`load_components`: a converted folder or a preset name);
+            `from_pretrained(source)` loads them and builds the pipeline in one call.
+        devices: the devices to run on (default: all of them). The weights are replicated on each; panel
+            batches are sharded over them.
+    Call it with a story (its text, or a parsed `Story`) and `StoryOptions`; it returns a `StoryResult`.
+    """
 
-class StoryPipeline:
     def __init__(self, components: Components, *, devices=None):
+        super().__init__(devices)
         self.components = components
         self.config = components.config
-        self.mesh = data_mesh(devices)
-        self.n_devices = self.mesh.devices.size
-        c = components
-        self._unet_graph, unet_state = nnx.split(c.unet)
-        self._unet_state = put_replicated(unet_state, self.mesh)
-        self._vae_graph, vae_state = nnx.split(c.vae)
-        self._vae_state = put_replicated(vae_state, self.mesh)
-        self._te_graph, te_state = nnx.split(c.text_encoder)
-        self._te_state = put_replicated(te_state, self.mesh)
-        if c.text_encoder_2 is not None:
-            self._te2_graph, te2_state = nnx.split(c.text_encoder_2)
-            self._te2_state = put_replicated(te2_state, self.mesh)
-        self._programs: dict = {}
+        self._unet_graph, self._unet_state = self._place(components.unet)
+        self._vae_graph, self._vae_state = self._place(components.vae)
+        self._te_graph, self._te_state = self._place(components.text_encoder)
+        if components.text_encoder_2 is not None:
+            self._te2_graph, self._te2_state = self._place(components.text_encoder_2)
 
     @classmethod
     def from_pretrained(cls, source: str, *, dtype=jnp.float32, seed: int = 0, devices=None) -> StoryPipeline:
         """A converted folder (`python -m convert pipeline`) or a preset name (`tiny-sdxl`, ...)."""
         return cls(load_components(source, dtype=dtype, seed=seed), devices=devices)
 
+    # ------------------------------------------------------------------ the call
+    def __call__(self, story: str | Story, options: StoryOptions = StoryOptions(), *,
+                 bank: CharacterBank | None = None, progress: bool | Progress = True,
+                 log=lambda msg: None) -> StoryResult:
+        """Generate every panel of `story` and typeset its pages.
+
+        bank: characters from an earlier run (`CharacterBank.load`): they need no id panels. progress: console
+        bars (True), none (False), or a `Progress` of your own (e.g. with a listener).
+        """
+        # 1. Check the inputs; parse the story (characters of a loaded bank need no id panels).
+        story = self.check_inputs(story, options, bank)
+        # 2. Every panel's styled prompt and negative prompt, encoded: the conditioning rows.
+        conditioning = self.encode_story(story, options)
+        # 3. The run's constants: sampler, CSA layout, noise, time ids, guidance, progress.
+        run = self.prepare_run(story, options, conditioning, progress)
+        # 4. Denoise: id panels write their characters' banks and the other panels read them, or sliding windows.
+        timings: dict[str, float] = {}
+        new_bank = None
+        if options.mode == "bank":
+            with timed(timings, "write_s"):
+                latents, new_bank = self._write_phase(run)
+            with timed(timings, "read_s"):
+                todo = [p for p in range(len(story.panels)) if p not in latents]
+                latents.update(self._read_phase(run, new_bank if bank is None else bank.merged(new_bank), todo))
+        else:
+            with timed(timings, "window_s"):
+                latents = self._window_phase(run)
+        ordered = [latents[p] for p in range(len(story.panels))]
+        # 5. Decode every panel.
+        with timed(timings, "decode_s"):
+            panels = self._decode(run, ordered)
+        # 6. Typeset the comic pages.
+        pages = typeset(panels, [p.caption for p in story.panels], options.layout, seed=options.seed,
+                        font_path=options.font)
+        info = {"timings": timings, "id_length": story.id_length, "layer_tokens": list(run.layout.tokens)}
+        return StoryResult(panels, pages, story, new_bank, np.stack([np.asarray(x, np.float32) for x in ordered]),
+                           info)
+
+    def check_size(self, height: int, width: int) -> None:
+        """Sides must be multiples of 32 (the VAE's 8 x the SDXL U-Net's 4). SD1.5's U-Net halves once
+        more; odd latent sides there are handled like diffusers does (upsampling to the skip's size)."""
+        for name, v in (("height", height), ("width", width)):
+            if v <= 0 or v % 32:
+                raise ConfigError(f"{name} {v} is not a positive multiple of 32; use e.g. "
+                                  f"{max(32, round(v / 32) * 32)}")
+
+    def check_inputs(self, story: str | Story, options: StoryOptions, bank: CharacterBank | None) -> Story:
+        """One-line errors before any work; returns the parsed story."""
+        self.check_size(options.height, options.width)
+        if bank is not None and options.mode == "bank":
+            bank.check_compatible(self._bank_meta(options))
+        if isinstance(story, str):
+            known = set(bank.characters) if bank is not None else set()
+            story = parse_story(story, id_length=options.id_length, known_characters=known)
+        return story
+
+    def encode_story(self, story: Story, options: StoryOptions) -> Conditioning:
+        """Every panel's prompt and negative prompt in its style, encoded: rows [negatives..., prompts...]."""
+        prompts, negatives = zip(*(apply_style(options.style, p.prompt, options.negative) for p in story.panels))
+        context, pooled = self.encode_prompts(list(negatives) + list(prompts))
+        return Conditioning(context, pooled)
+
+    def prepare_run(self, story: Story, options: StoryOptions, conditioning: Conditioning,
+                    progress: bool | Progress = False) -> StoryRun:
+        sampler = make_sampler(options.sampler, self.config.scheduler, options.steps)
+        latent_hw = (options.height // self.config.vae.downscale, options.width // self.config.vae.downscale)
+        key = jax.random.key(options.seed)
+        # The official code reseeds before each pipeline call: every run starts from the same noise.
+        shape = (max(story.id_length, 1), *latent_hw, self.config.unet.in_channels)
+        noise = jax.random.normal(key, shape, jnp.float32) * sampler.init_noise_sigma
+        size = [options.height, options.width]
+        return StoryRun(story, options, sampler, csa.csa_layout(self.config.unet, latent_hw),
+                        FreeU() if options.freeu else None, conditioning, noise,
+                        time_ids=jnp.asarray([size + [0, 0] + size], jnp.float32),
+                        guidance=jnp.float32(options.guidance), key=key, progress=as_progress(progress))
+
     # ------------------------------------------------------------------ text
     def encode_prompts(self, prompts: list[str]) -> tuple[jax.Array, jax.Array | None]:
         """Prompts -> (context [N, 77, D], pooled [N, P] or None). SDXL zeroes empty prompts."""
         c = self.components
         ids = tokenize(c.tokenizer, prompts)
+        encode = self._program(self._text_program)
         if c.text_encoder_2 is None:
-            return self._program("text", lambda: jax.jit(self._encode_sd15))(self._te_state, ids), None
-        ids2 = tokenize(c.tokenizer_2, prompts)
+            return encode(self._te_state, ids), None
         empty = np.array([p.strip() == "" for p in prompts])
-        fn = self._program("text", lambda: jax.jit(self._encode_sdxl))
-        return fn(self._te_state, self._te2_state, ids, ids2, empty)
+        return encode(self._te_state, self._te2_state, ids, tokenize(c.tokenizer_2, prompts), empty)
+
+    def _text_program(self):
+        return jax.jit(self._encode_sd15 if self.components.text_encoder_2 is None else self._encode_sdxl)
 
     def _encode_sd15(self, te_state, ids):
         return nnx.merge(self._te_graph, te_state)(ids).last_hidden_state
@@ -145,56 +290,161 @@ class StoryPipeline:
         pooled = jnp.where(empty[:, None], 0.0, out2.pooled)
         return ctx, pooled
 
-    # ------------------------------------------------------------------ programs
-    def _program(self, key, build):
-        if key not in self._programs:
-            self._programs[key] = build()
-        return self._programs[key]
+    # ------------------------------------------------------------------ phases
+    def _write_phase(self, run: StoryRun) -> tuple[dict[int, jax.Array], CharacterBank]:
+        """Each character's id panels denoised together (CSA write): their latents and the characters' bank."""
+        options, story, layout = run.options, run.story, run.layout
+        names = list(story.id_panels)            # characters to write (those of a loaded bank are not)
+        schedules = csa.draw_write_schedules(options.seed, len(names), run.noise.shape[0], options.steps,
+                                             list(layout.tokens), run.image_hw, options.csa())
+        capacity = {L: schedules[0].index[L].shape[1] if schedules else 1 for L in layout.tokens}
+        # Per layer [steps, characters, 2 (CFG halves), K_L, C], filled in place one character and step at a time.
+        bank = tuple(jnp.zeros((options.steps, len(names), 2, capacity[L], width), self.components.dtype,
+                               device=replicated(self.mesh)) for L, width in zip(layout.tokens, layout.widths))
+        write = self._program(self._write_program, run.sampler, layout.tokens, run.freeu)
+        latents = {}
+        for char, name in enumerate(names):
+            panels, s = story.id_panels[name], schedules[char]
+            with run.progress.phase(f"write {name}", options.steps):
+                x, bank = run_steps(write, self._unet_state, (run.noise, bank),
+                                    (char, run.conditioning.select(panels), run.time_ids, run.guidance,
+                                     (s.index, s.others, s.others_len, s.flips)), options.steps, run.progress)
+            jax.block_until_ready(x)
+            latents.update({p: x[j] for j, p in enumerate(panels)})
+        valid = {L: np.stack([s.valid[L] for s in schedules], axis=1) if schedules else
+                 np.zeros((options.steps, 0, 1), bool) for L in sorted(set(layout.tokens))}
+        new_bank = CharacterBank({name: story.characters[name].description for name in names}, list(bank), valid,
+                                 self._bank_meta(options), list(layout.tokens))
+        if options.bank_offload:
+            new_bank = new_bank.placed(host_memory(self.mesh))
+        return latents, new_bank
 
-    def _unet_eps(self, unet, sampler, i, x, ctx, pooled, time_ids, guidance, freeu, hook):
-        """Classifier-free guided model output for latents x [B, ...]; ctx rows are [uncond B, cond B]."""
+    def _read_phase(self, run: StoryRun, bank: CharacterBank, todo: list[int]) -> dict[int, jax.Array]:
+        """The panels `todo`, in batches, each attending to the banks of the characters it names."""
+        options, story = run.options, run.story
+        if not todo:
+            return {}
+        names = list(bank.characters)
+        flips = csa.draw_read_flips(options.seed, len(story.panels), options.steps, len(run.layout.tokens),
+                                    options.csa())
+        # Rows are sharded over the devices, so the batch is a multiple of their count (padding repeats a panel).
+        batch = -(-(options.read_batch or 4) // self.n_devices) * self.n_devices
+        read = self._program(self._read_program, run.sampler, run.layout.tokens, run.freeu, options.bank_offload)
+        placement = host_memory(self.mesh) if options.bank_offload else replicated(self.mesh)
+        tokens, valid = bank.placed(placement).device_arrays()
+        latents = {}
+        with run.progress.phase("read", options.steps * -(-len(todo) // batch)):
+            for start in range(0, len(todo), batch):
+                panels = todo[start:start + batch]
+                padded = panels + [panels[-1]] * (batch - len(panels))
+                # Read rows are independent of each other: only the latents' batch axis needs sharding.
+                panel_chars = np.array([[name in story.panels[p].characters for name in names] for p in padded])
+                (x,) = run_steps(read, self._unet_state, (put_batch(run.panel_noise(batch), self.mesh),),
+                                 (run.conditioning.select(padded), run.time_ids, run.guidance, tokens, valid,
+                                  jnp.asarray(panel_chars), jnp.asarray(flips[padded])), options.steps, run.progress)
+                x = np.asarray(x)
+                latents.update({p: jnp.asarray(x[j]) for j, p in enumerate(panels)})
+        return latents
+
+    def _window_phase(self, run: StoryRun) -> dict[int, jax.Array]:
+        """Every panel through Algorithm 1's sliding windows, chunk by chunk."""
+        options = run.options
+        window, chunk, (x0, cond, chars, n_panels) = self._window_inputs(run)
+        program = self._program(self._window_program, run.sampler, run.layout.tokens, run.freeu, window, chunk,
+                                run.image_hw, options.csa())
+        with run.progress.phase(f"window {window}, chunk {chunk}", options.steps):
+            (x,) = run_steps(program, self._unet_state, (x0,), (cond, run.time_ids, run.guidance, chars, n_panels,
+                                                                 jax.random.fold_in(run.key, 0x3D)),
+                             options.steps, run.progress)
+        x = np.asarray(x).reshape(-1, *run.noise.shape[1:])
+        return {p: jnp.asarray(x[p]) for p in range(len(run.story.panels))}
+
+    def _window_inputs(self, run: StoryRun):
+        """Chunk-major, padded, sharded inputs of the window program: (window, chunk, (x0, cond, chars, n_panels))."""
+        story, options = run.story, run.options
+        n = len(story.panels)
+        window = min(options.window, n)
+        # Panels of a chunk are sharded over the devices: a chunk is a multiple of their count.
+        chunk = -(-min(options.chunk or n, n) // self.n_devices) * self.n_devices
+        chunk = max(chunk, -(-window // self.n_devices) * self.n_devices)
+        n_chunks = -(-n // chunk)
+        order = list(range(n)) + [n - 1] * (n_chunks * chunk - n)
+        names = list(story.characters)
+        chars = np.array([[nm in story.panels[p].characters for nm in names] or [False] for p in order])
+        chars[n:] = False            # padding relates to nobody and its windows are invalid
+
+        def chunked(rows):
+            """[uncond all, cond all] rows -> [n_chunks, 2*chunk, ...] with each chunk's [uncond, cond]."""
+            u, c = (h.reshape(n_chunks, chunk, *h.shape[1:]) for h in (rows[: len(order)], rows[len(order):]))
+            return jnp.concatenate([u, c], axis=1)
+
+        x0 = run.panel_noise(n_chunks * chunk).reshape(n_chunks, chunk, *run.noise.shape[1:])
+        x0 = jax.device_put(x0, NamedSharding(self.mesh, PartitionSpec(None, "data")))
+        cond = jax.tree.map(chunked, run.conditioning.select(order))
+        return window, chunk, (x0, cond, jnp.asarray(chars.reshape(n_chunks, chunk, -1)), jnp.int32(n))
+
+    def _decode(self, run: StoryRun, latents: list[jax.Array]) -> list[Image.Image]:
+        decode = self._program(self._decode_program)
+        panels = []
+        with run.progress.phase("decode", len(latents)):
+            for x in latents:
+                panels.append(Image.fromarray(np.asarray(decode(self._vae_state, x[None]))[0]))
+                run.progress.tick()
+        return panels
+
+    def _bank_meta(self, options: StoryOptions) -> dict:
+        return {"model": self.components.source, "height": options.height, "width": options.width,
+                "steps": options.steps, "sampler": options.sampler, "sa32": options.sa32, "sa64": options.sa64}
+
+    # ------------------------------------------------------------------ programs
+    def _unet_eps(self, unet, sampler, i, x, cond: Conditioning, time_ids, guidance, freeu, hook):
+        """Classifier-free guided model output for latents x [B, ...] and their rows `cond` [uncond B, cond B]."""
         xin = sampler.scale_model_input(jnp.concatenate([x, x]), i)
-        kwargs = {}
-        if pooled is not None:
-            kwargs = {"text_embeds": pooled, "time_ids": time_ids}
-        out = unet(xin, sampler.model_timestep(i), ctx, freeu=freeu, self_attention=hook, **kwargs)
-        uncond, cond = jnp.split(out.astype(jnp.float32), 2)
-        return uncond + guidance * (cond - uncond)
+        added = {} if cond.pooled is None else {"text_embeds": cond.pooled, "time_ids": time_ids}
+        out = unet(xin, sampler.model_timestep(i), cond.context, freeu=freeu, self_attention=hook, **added)
+        uncond, conditioned = jnp.split(out.astype(jnp.float32), 2)
+        return uncond + guidance * (conditioned - uncond)
 
     def _write_program(self, sampler, layer_tokens, freeu):
-        def run(unet_state, x, ctx, pooled, time_ids, guidance, index, others, others_len, flips):
+        """One character's id images x [n, ...] (rows [uncond n, cond n]) with the CSA write hook, storing each
+        step's sampled tokens in the character's slot `char` of the bank (donated: filled in place).
+        draws: the character's WriteSchedule arrays (index, others, others_len, flips), each [steps, ...]."""
+        def run(unet_state, x, bank, char, cond, time_ids, guidance, draws, steps=None):
             unet = nnx.merge(self._unet_graph, unet_state)
 
-            def step(x, xs):
-                i, idx, oth, oth_len, flip = xs
-                hook = csa.WriteHook(layer_tokens, idx, oth, oth_len, flip)
-                eps = self._unet_eps(unet, sampler, i, x, ctx, pooled, time_ids, guidance, freeu, hook)
-                tick_from_jit(i)
-                return sampler.step(eps, i, x), tuple(hook.bank)
+            def step(carry, i):
+                x, bank = carry
+                index, others, others_len, flips = jax.tree.map(lambda a: a[i], draws)
+                hook = csa.WriteHook(layer_tokens, index, others, others_len, flips)
+                eps = self._unet_eps(unet, sampler, i, x, cond, time_ids, guidance, freeu, hook)
+                bank = tuple(b.at[i, char].set(new.astype(b.dtype)) for b, new in zip(bank, hook.bank))
+                return (sampler.step(eps, i, x), bank), None
 
-            steps = jnp.arange(sampler.num_steps)
-            return jax.lax.scan(step, x * sampler.init_noise_sigma, (steps, index, others, others_len, flips))
+            steps = jnp.arange(sampler.num_steps) if steps is None else steps
+            return jax.lax.scan(step, (x, bank), steps)[0]
 
-        return jax.jit(run)
+        return jax.jit(run, donate_argnums=2)
 
     def _read_program(self, sampler, layer_tokens, freeu, offload=False):
+        """Read panels x [B, ...] attending to the banks (per layer [steps, chars, 2, K_L, C]) of the characters
+        each names (panel_chars [B, chars]); flips [B, steps, n_layers]. offload: the bank lives in host memory
+        and each step's slice is copied in as the loop reaches it."""
         on_device = replicated(self.mesh)
 
-        def run(unet_state, x, ctx, pooled, time_ids, guidance, bank, valid, panel_chars, flips):
+        def run(unet_state, x, cond, time_ids, guidance, bank, valid, panel_chars, flips, steps=None):
             unet = nnx.merge(self._unet_graph, unet_state)
 
-            def step(x, xs):
-                i, bank_t, valid_t, flip_t = xs
-                if offload:  # this step's slice of a host-memory bank, copied in as the loop reaches it
+            def step(x, i):
+                bank_t = tuple(jax.lax.dynamic_index_in_dim(t, i, keepdims=False) for t in bank)
+                if offload:
                     bank_t = jax.device_put(bank_t, on_device)
-                hook = csa.ReadHook(layer_tokens, bank_t, valid_t, panel_chars, flip_t)
-                eps = self._unet_eps(unet, sampler, i, x, ctx, pooled, time_ids, guidance, freeu, hook)
-                tick_from_jit(i)
+                hook = csa.ReadHook(layer_tokens, bank_t, {L: v[i] for L, v in valid.items()}, panel_chars,
+                                    flips[:, i])
+                eps = self._unet_eps(unet, sampler, i, x, cond, time_ids, guidance, freeu, hook)
                 return sampler.step(eps, i, x), None
 
-            steps = jnp.arange(sampler.num_steps)
-            x, _ = jax.lax.scan(step, x * sampler.init_noise_sigma, (steps, bank, valid, jnp.swapaxes(flips, 0, 1)))
-            return x
+            steps = jnp.arange(sampler.num_steps) if steps is None else steps
+            return jax.lax.scan(step, x, steps)[0]
 
         return jax.jit(run)
 
@@ -202,232 +452,49 @@ class StoryPipeline:
         """Algorithm 1 over the story, `chunk` panels at a time (see consistent.WindowHook).
 
         Inputs are chunk-major: x [n_chunks, chunk, h, w, c] with the panel axis sharded over `data`,
-        ctx/pooled [n_chunks, 2*chunk, ...] (each chunk's rows [uncond chunk, cond chunk]), chars
-        [n_chunks, chunk, n_chars] bool, n_panels: the real panels (the rest is padding).
+        cond: Conditioning with leaves [n_chunks, 2*chunk, ...] (each chunk's rows [uncond chunk, cond chunk]),
+        chars [n_chunks, chunk, n_chars] bool, n_panels: the real panels (the rest is padding).
         """
         rates = {L: csa.sampling_rate(L, image_hw, settings) for L in sorted(set(layer_tokens))}
         p_csa = np.where(np.arange(sampler.num_steps) < settings.switch_step, settings.p_early, settings.p_late)
         p_csa[: settings.plain_steps] = 0.0
         panels = batch_sharded(self.mesh)
-        w = window
+        downscale = self.config.vae.downscale
+        widths = csa.csa_layout(self.config.unet, (image_hw[0] // downscale, image_hw[1] // downscale)).widths
 
-        def run(unet_state, x, ctx, pooled, time_ids, guidance, chars, n_panels, key):
+        def run(unet_state, x, cond, time_ids, guidance, chars, n_panels, key, steps=None):
             unet = nnx.merge(self._unet_graph, unet_state)
             n_chars = chars.shape[-1]
 
             def step(x, i):
                 def one_chunk(carry, xs):
                     tokens, prev_chars = carry
-                    c, xc, ctx_c, pooled_c, chars_c = xs
+                    c, xc, cond_c, chars_c = xs
                     xc = jax.lax.with_sharding_constraint(xc, panels)
-                    starts = c * chunk - (w - 1) + jnp.arange(chunk)
-                    sel, flips = csa.window_draws(key, i, starts, w, layer_tokens, rates, p_csa)
-                    ext = jnp.concatenate([prev_chars, chars_c])                      # [w-1+chunk, n_chars]
-                    slot = np.arange(chunk)[:, None] + np.arange(w)[None, :]
+                    starts = c * chunk - (window - 1) + jnp.arange(chunk)
+                    sel, flips = csa.window_draws(key, i, starts, window, layer_tokens, rates, p_csa)
+                    ext = jnp.concatenate([prev_chars, chars_c])                  # [window-1+chunk, n_chars]
+                    slot = np.arange(chunk)[:, None] + np.arange(window)[None, :]
                     shared = jnp.any(ext[slot][:, :, None, :] & ext[slot][:, None, :, :], axis=-1)
-                    valid = (starts >= 0) & (starts + w <= n_panels)
+                    valid = (starts >= 0) & (starts + window <= n_panels)
                     hook = csa.WindowHook(layer_tokens, sel, flips, shared, valid, tokens)
-                    eps = self._unet_eps(unet, sampler, i, xc, ctx_c, pooled_c, time_ids, guidance, freeu, hook)
+                    eps = self._unet_eps(unet, sampler, i, xc, cond_c, time_ids, guidance, freeu, hook)
                     new = jax.lax.with_sharding_constraint(sampler.step(eps, i, xc), panels)
-                    return (tuple(hook.tokens), ext[ext.shape[0] - (w - 1):]), new
+                    return (tuple(hook.tokens), ext[ext.shape[0] - (window - 1):]), new
 
-                zeros = tuple(jnp.zeros((2, w - 1, L, width), self.components.dtype)
-                              for L, width in zip(layer_tokens, self._csa_widths()))
-                init = (zeros, jnp.zeros((w - 1, n_chars), bool))
-                xs = (jnp.arange(x.shape[0]), x, ctx, pooled, chars)
-                _, new_x = jax.lax.scan(one_chunk, init, xs)
-                tick_from_jit(i)
+                zeros = tuple(jnp.zeros((2, window - 1, L, width), self.components.dtype)
+                              for L, width in zip(layer_tokens, widths))
+                init = (zeros, jnp.zeros((window - 1, n_chars), bool))
+                _, new_x = jax.lax.scan(one_chunk, init, (jnp.arange(x.shape[0]), x, cond, chars))
                 return new_x, None
 
-            x, _ = jax.lax.scan(step, x * sampler.init_noise_sigma, jnp.arange(sampler.num_steps))
-            return x
+            steps = jnp.arange(sampler.num_steps) if steps is None else steps
+            return jax.lax.scan(step, x, steps)[0]
 
         return jax.jit(run)
-
-    def _csa_widths(self) -> list[int]:
-        """Channel width of each CSA layer (in call order)."""
-        cfg = self.config.unet
-        levels = len(cfg.block_out_channels)
-        widths = []
-        for i, kind in enumerate(cfg.up_block_types):
-            if kind.startswith("CrossAttn"):
-                level = levels - 1 - i
-                widths += [cfg.block_out_channels[level]] * (
-                    (cfg.layers_per_block + 1) * cfg.transformer_layers_per_block[level])
-        return widths
 
     def _decode_program(self):
         def run(vae_state, latents):
-            return _to_uint8(nnx.merge(self._vae_graph, vae_state).decode_latents(latents))
+            return to_uint8(nnx.merge(self._vae_graph, vae_state).decode_latents(latents))
 
         return jax.jit(run)
-
-    # ------------------------------------------------------------------ the call
-    def check_size(self, height: int, width: int) -> None:
-        """Sides must be multiples of 32 (the VAE's 8 x the SDXL U-Net's 4). SD1.5's U-Net halves once
-        more; odd latent sides there are handled like diffusers does (upsampling to the skip's size)."""
-        for name, v in (("height", height), ("width", width)):
-            if v <= 0 or v % 32:
-                raise ConfigError(f"{name} {v} is not a positive multiple of 32; use e.g. "
-                                  f"{max(32, round(v / 32) * 32)}")
-
-    def __call__(self, story: str | Story, options: StoryOptions = StoryOptions(), *,
-                 bank: CharacterBank | None = None, progress: bool = True, log=lambda msg: None) -> StoryResult:
-        o = options
-        self.check_size(o.height, o.width)
-        known = set(bank.characters) if bank is not None else set()
-        if isinstance(story, str):
-            story = parse_story(story, id_length=o.id_length, known_characters=known)
-        timings: dict[str, float] = {}
-        sampler = make_sampler(o.sampler, self.config.scheduler, o.steps)
-        freeu = FreeU() if o.freeu else None
-        h, w = o.height // self.config.vae.downscale, o.width // self.config.vae.downscale
-        layer_tokens = csa.csa_layers(self.config.unet, (h, w))
-        channels = self.config.unet.in_channels
-
-        prompts, negatives = zip(*(apply_style(o.style, p.prompt, o.negative) for p in story.panels))
-        ctx_all, pooled_all = self.encode_prompts(list(negatives) + list(prompts))
-        n = len(story.panels)
-        time_ids = jnp.asarray([[o.height, o.width, 0, 0, o.height, o.width]], jnp.float32)
-        guidance = jnp.float32(o.guidance)
-        key = jax.random.key(o.seed)
-        id_len = max(story.id_length, 1)
-        # The official code reseeds before each pipeline call: every run starts from the same noise, and
-        # every single-panel run from the noise of id image 0.
-        base_noise = jax.random.normal(key, (id_len, h, w, channels), jnp.float32)
-
-        def rows(indices):
-            """CFG rows [uncond..., cond...] of the text context for these panels."""
-            idx = np.concatenate([np.asarray(indices), n + np.asarray(indices)])
-            return ctx_all[idx], (pooled_all[idx] if pooled_all is not None else None)
-
-        latents: dict[int, jax.Array] = {}
-        new_bank = None
-        settings = o.csa()
-        if o.mode == "bank":
-            chars = list(story.id_panels)  # characters to write (not in a loaded bank)
-            schedules = csa.draw_write_schedules(o.seed, len(chars), id_len, o.steps, layer_tokens,
-                                                 (o.height, o.width), settings)
-            t0 = time.perf_counter()
-            banks, valids = [], []
-            write = self._program(("write", sampler, tuple(layer_tokens), freeu),
-                                  lambda: self._write_program(sampler, layer_tokens, freeu))
-            for ci, name in enumerate(chars):
-                panel_ids = story.id_panels[name]
-                ctx, pooled = rows(panel_ids)
-                sched = schedules[ci]
-                Progress.start(progress, o.steps, f"write {name}")
-                x, bank_c = write(self._unet_state, base_noise, ctx, pooled, time_ids, guidance,
-                                  sched.index, sched.others, sched.others_len, jnp.asarray(sched.flips))
-                jax.block_until_ready(x)
-                Progress.close()
-                for j, p in enumerate(panel_ids):
-                    latents[p] = x[j]
-                banks.append(bank_c)
-                valids.append(sched.valid)
-            timings["write_s"] = time.perf_counter() - t0
-            new_bank = CharacterBank.from_runs(
-                {name: story.characters[name].description for name in chars}, banks, valids,
-                self._bank_meta(o), layer_tokens, self._csa_widths(), self.components.dtype)
-            if o.bank_offload:
-                new_bank = new_bank.placed(host_memory(self.mesh))
-            full_bank = new_bank if bank is None else bank.merged(new_bank)
-            if bank is not None:
-                bank.check_compatible(self._bank_meta(o))
-            t0 = time.perf_counter()
-            self._read_phase(story, o, full_bank, latents, rows, sampler, layer_tokens, freeu, base_noise[0],
-                             time_ids, guidance, progress)
-            timings["read_s"] = time.perf_counter() - t0
-        else:
-            t0 = time.perf_counter()
-            self._window_phase(story, o, latents, rows, sampler, layer_tokens, freeu, base_noise[0], time_ids,
-                               guidance, key, progress)
-            timings["window_s"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        decode = self._program("decode", self._decode_program)
-        panels = []
-        Progress.start(progress, n, "decode")
-        for p in range(n):
-            img = np.asarray(decode(self._vae_state, latents[p][None]))[0]
-            panels.append(Image.fromarray(img))
-            Progress.tick()
-        Progress.close()
-        timings["decode_s"] = time.perf_counter() - t0
-        pages = typeset(panels, [p.caption for p in story.panels], o.layout, seed=o.seed, font_path=o.font)
-        info = {"timings": timings, "id_length": story.id_length, "layer_tokens": layer_tokens}
-        final = np.stack([np.asarray(latents[p], np.float32) for p in range(n)])
-        return StoryResult(panels, pages, story, new_bank if o.mode == "bank" else None, info, latents=final)
-
-    def _bank_meta(self, o: StoryOptions) -> dict:
-        return {"model": self.components.source, "height": o.height, "width": o.width, "steps": o.steps,
-                "sampler": o.sampler, "sa32": o.sa32, "sa64": o.sa64}
-
-    def _read_phase(self, story, o, bank, latents, rows, sampler, layer_tokens, freeu, noise0, time_ids, guidance,
-                    progress):
-        todo = [p.index for p in story.panels if p.index not in latents]
-        if not todo:
-            return
-        names = list(bank.characters)
-        flips_all = csa.draw_read_flips(o.seed, len(story.panels), o.steps, len(layer_tokens), o.csa())
-        # Rows are sharded over the devices, so the batch is a multiple of their count (padding repeats a panel).
-        batch = -(-(o.read_batch or 4) // self.n_devices) * self.n_devices
-        read = self._program(("read", sampler, tuple(layer_tokens), freeu, o.bank_offload),
-                             lambda: self._read_program(sampler, layer_tokens, freeu, o.bank_offload))
-        placement = host_memory(self.mesh) if o.bank_offload else replicated(self.mesh)
-        tokens, valid = bank.placed(placement).device_arrays()
-        Progress.start(progress, o.steps * -(-len(todo) // batch), "read")
-        for start in range(0, len(todo), batch):
-            chunk = todo[start:start + batch]
-            padded = chunk + [chunk[-1]] * (batch - len(chunk))
-            ctx, pooled = rows(padded)
-            # Read rows are independent of each other: only the latents' batch axis needs sharding.
-            panel_chars = np.array([[name in story.panels[p].characters for name in names] for p in padded])
-            x0 = jnp.broadcast_to(noise0, (batch,) + noise0.shape)
-            x = read(self._unet_state, put_batch(x0, self.mesh), ctx, pooled, time_ids, guidance, tokens, valid,
-                     jnp.asarray(panel_chars), jnp.asarray(flips_all[padded]))
-            x = np.asarray(x)
-            for j, p in enumerate(chunk):
-                latents[p] = jnp.asarray(x[j])
-        Progress.close()
-
-    def _window_inputs(self, story, o, rows, noise0):
-        """Chunk-major, padded, sharded inputs of the window program; returns (window, chunk, args)."""
-        n = len(story.panels)
-        w = min(o.window, n)
-        # Panels of a chunk are sharded over the devices: a chunk is a multiple of their count.
-        chunk = -(-min(o.chunk or n, n) // self.n_devices) * self.n_devices
-        chunk = max(chunk, -(-w // self.n_devices) * self.n_devices)
-        n_chunks = -(-n // chunk)
-        order = list(range(n)) + [n - 1] * (n_chunks * chunk - n)
-        names = list(story.characters)
-        chars = np.array([[nm in story.panels[p].characters for nm in names] or [False] for p in order])
-        chars[n:] = False            # padding relates to nobody and its windows are invalid
-        ctx, pooled = rows(order)
-
-        def chunked(a):
-            """[uncond all, cond all] rows -> [n_chunks, 2*chunk, ...] with each chunk's [uncond, cond]."""
-            if a is None:
-                return None
-            u, c = (h.reshape(n_chunks, chunk, *h.shape[1:]) for h in (a[: len(order)], a[len(order):]))
-            return jnp.concatenate([u, c], axis=1)
-
-        x0 = jnp.broadcast_to(noise0, (n_chunks, chunk) + noise0.shape)
-        x0 = jax.device_put(x0, NamedSharding(self.mesh, PartitionSpec(None, "data")))
-        return w, chunk, (x0, chunked(ctx), chunked(pooled), jnp.asarray(chars.reshape(n_chunks, chunk, -1)),
-                          jnp.int32(n))
-
-    def _window_phase(self, story, o, latents, rows, sampler, layer_tokens, freeu, noise0, time_ids, guidance, key,
-                      progress):
-        n = len(story.panels)
-        w, chunk, (x0, ctx, pooled, chars, n_panels) = self._window_inputs(story, o, rows, noise0)
-        run = self._program(("window", sampler, tuple(layer_tokens), freeu, w, chunk, o.height, o.width, o.sa32,
-                             o.sa64),
-                            lambda: self._window_program(sampler, layer_tokens, freeu, w, chunk, (o.height, o.width),
-                                                         o.csa()))
-        Progress.start(progress, o.steps, f"window {w}, chunk {chunk}")
-        x = run(self._unet_state, x0, ctx, pooled, time_ids, guidance, chars, n_panels, jax.random.fold_in(key, 0x3D))
-        x = np.asarray(x).reshape(-1, *noise0.shape)
-        Progress.close()
-        for p in range(n):
-            latents[p] = jnp.asarray(x[p])

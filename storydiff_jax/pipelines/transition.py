@@ -18,50 +18,70 @@ on the user's pictures and consecutive transitions share their boundary frame.
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
 from ..errors import ConfigError
 from ..images import clip_preprocess
 from ..models.clip_text import tokenize
 from ..models.smp import interpolate_tokens
+from ..options import Options, option
 from ..schedulers import make_sampler
-from ..sharding import data_mesh, put_replicated, replicated
-from .progress import Progress, tick_from_jit
+from ..sharding import replicated
+from .base import Pipeline, run_steps, timed, to_uint8
+from .progress import Progress, as_progress
 from .video_components import VideoComponents, VideoPipelineConfig, load_video_components
 
 SMP_MODES = ("predict", "none")
 
 
 @dataclass(frozen=True)
-class TransitionOptions:
-    """Every setting of one transition (written to transition.json). Defaults: AnimateDiff v2's examples."""
-    prompt: str = ""
-    negative: str = ""
-    frames: int = 16
-    steps: int = 25
-    guidance: float = 7.5
-    ip_scale: float = 1.0
-    smp: str = "predict"
-    seed: int = 0
-    height: int = 512
-    width: int = 512
-    anchor: bool = True
-    decode_batch: int = 4
+class TransitionOptions(Options):
+    """Every setting of one transition (written to transition.json). Defaults: AnimateDiff v2's examples. The
+    command line and the web form are generated from these declarations (see `storydiff_jax.options`)."""
+    prompt: str = option("", "text prompt", default_text="empty; with --story-dir the end panel's", form="prompt",
+                         label="prompt (empty with panels: the end panel's prompt)")
+    negative: str = option("", "negative prompt", default_text="")
+    frames: int = option(16, "frames per transition, 2..32", tiny=8, form="main")
+    steps: int = option(25, "DDIM steps", tiny=4, form="main")
+    guidance: float = option(7.5, "classifier-free guidance scale")
+    ip_scale: float = option(1.0, "weight of the image-token attention")
+    smp: str = option("predict", "predict: the Semantic Motion Predictor's tokens; none: plain interpolation of "
+                      "the start and end tokens", choices=SMP_MODES,
+                      default_text="predict when the model has a trained SMP, else none")
+    seed: int = option(0, "random seed; same seed, same frames", form="main")
+    height: int = option(512, "frame height, a multiple of 64",
+                         default_text="the start frame's, rounded to a multiple of 64")
+    width: int = option(512, "frame width, a multiple of 64",
+                        default_text="the start frame's, rounded to a multiple of 64")
+    anchor: bool = option(True, "do not hold the first/last frames to the given pictures (the paper conditions only "
+                          "through tokens; holding them is our default)")
+    decode_batch: int = option(4, "frames decoded together", flag=None)
+
+    def __post_init__(self):
+        # The checks that need no model; `check_options` adds the model's own limits.
+        if self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.guidance < 0:
+            raise ConfigError(f"guidance must be >= 0, got {self.guidance}")
+        if self.smp not in SMP_MODES:
+            raise ConfigError(f"smp mode {self.smp!r} is not one of {', '.join(SMP_MODES)}")
+        if self.decode_batch < 1:
+            raise ConfigError(f"decode batch must be >= 1, got {self.decode_batch}")
 
 
 @dataclass
 class TransitionResult:
     frames: np.ndarray                   # uint8 [L, H, W, 3]
+    latents: np.ndarray                  # float32 [L, h, w, c]: the final latents of every frame
     info: dict[str, Any] = field(default_factory=dict)
-    latents: np.ndarray | None = None    # the final latents before decoding, float32 [L, h, w, c]
 
     def images(self) -> list[Image.Image]:
         return [Image.fromarray(f) for f in self.frames]
@@ -78,47 +98,43 @@ def fit_image(image: Image.Image | np.ndarray, height: int, width: int) -> np.nd
     return np.asarray(img.crop((left, top, left + width, top + height)))
 
 
-def check_options(config: VideoPipelineConfig, o: TransitionOptions) -> None:
-    """One-line errors for settings this model cannot render (checked before anything is loaded or run)."""
+def check_options(config: VideoPipelineConfig, options: TransitionOptions) -> None:
+    """One-line errors for settings this model cannot render (checked before anything is loaded or run); the
+    options' own checks ran when they were made."""
     stride = config.latent_stride
-    for name, v in (("height", o.height), ("width", o.width)):
+    for name, v in (("height", options.height), ("width", options.width)):
         if v <= 0 or v % stride:
             raise ConfigError(f"{name} {v} is not a positive multiple of {stride} (VAE x U-Net downscale); use "
                               f"e.g. {max(stride, round(v / stride) * stride)}")
     limit = config.max_frames
-    if not 2 <= o.frames <= limit:
-        raise ConfigError(f"frames {o.frames} is outside 2..{limit} (the motion module's positional table has "
+    if not 2 <= options.frames <= limit:
+        raise ConfigError(f"frames {options.frames} is outside 2..{limit} (the motion module's positional table has "
                           f"{config.unet.motion.max_frames} entries); use --frames between 2 and {limit}")
-    if o.steps < 1:
-        raise ConfigError(f"steps must be >= 1, got {o.steps}")
-    if o.guidance < 0:
-        raise ConfigError(f"guidance must be >= 0, got {o.guidance}")
-    if o.smp not in SMP_MODES:
-        raise ConfigError(f"smp mode {o.smp!r} is not one of {', '.join(SMP_MODES)}")
-    if o.smp == "predict" and config.smp is None:
+    if options.smp == "predict" and config.smp is None:
         raise ConfigError("this model has no trained Semantic Motion Predictor; use --smp none (plain "
                           "interpolation) or train one with `python -m train smp` and export it")
-    if o.decode_batch < 1:
-        raise ConfigError(f"decode batch must be >= 1, got {o.decode_batch}")
 
 
-def _to_uint8(images: jax.Array) -> jax.Array:
-    return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+class TransitionPipeline(Pipeline):
+    """Two frames in, the video between them out (SD1.5 + AnimateDiff motion modules + IP-Adapter-Plus + SMP).
 
+    Parameters:
+        components: the loaded model parts (`load_video_components`: a folder from `python -m convert video`,
+            or a preset); `from_pretrained(source)` loads them and builds the pipeline in one call.
+        devices: the devices to run on (default: all of them). The weights are replicated on each; the frames
+            are sharded over them when their count divides evenly.
+    Call it with a start and an end picture and `TransitionOptions`; it returns a `TransitionResult`.
+    """
 
-class TransitionPipeline:
     def __init__(self, components: VideoComponents, *, devices=None):
+        super().__init__(devices)
         self.components = components
         self.config = components.config
-        self.mesh = data_mesh(devices)
-        self.n_devices = self.mesh.devices.size
         self._graphs, self._states = {}, {}
         for name in ("unet", "vae", "text_encoder", "image_encoder", "image_proj", "smp"):
             model = getattr(components, name)
             if model is not None:
-                self._graphs[name], state = nnx.split(model)
-                self._states[name] = put_replicated(state, self.mesh)
-        self._programs: dict = {}
+                self._graphs[name], self._states[name] = self._place(model)
 
     @classmethod
     def from_pretrained(cls, source: str, *, dtype=jnp.float32, seed: int = 0, devices=None,
@@ -137,18 +153,11 @@ class TransitionPipeline:
     def _model(self, name, state):
         return nnx.merge(self._graphs[name], state)
 
-    def _program(self, key, build):
-        if key not in self._programs:
-            self._programs[key] = build()
-        return self._programs[key]
-
     # ------------------------------------------------------------------ conditioning
     def encode_prompt(self, prompt: str, negative: str = "") -> jax.Array:
         """[negative, prompt] -> text tokens [2, 77, D] (SD1.5: CLIP-L's last hidden state)."""
         ids = tokenize(self.components.tokenizer, [negative, prompt])
-        fn = self._program("text", lambda: jax.jit(
-            lambda s, ids: self._model("text_encoder", s)(ids).last_hidden_state))
-        return fn(self._states["text_encoder"], ids)
+        return self._program(self._text_program)(self._states["text_encoder"], ids)
 
     def image_tokens(self, images: list) -> tuple[jax.Array, jax.Array]:
         """Frames -> (IP-Adapter-Plus tokens [n, N, D], unconditional tokens [1, N, D]).
@@ -159,34 +168,111 @@ class TransitionPipeline:
         size = self.config.image_encoder.image_size
         pixels = clip_preprocess(images, size=size)
         pixels = np.concatenate([pixels, np.zeros_like(pixels[:1])])
-
-        def run(enc_state, proj_state, pixels):
-            feats = self._model("image_encoder", enc_state)(pixels).penultimate
-            return self._model("image_proj", proj_state)(feats)
-
-        tokens = self._program(("image", len(images)), lambda: jax.jit(run))(
-            self._states["image_encoder"], self._states["image_proj"], jnp.asarray(pixels))
+        tokens = self._program(self._image_program)(self._states["image_encoder"], self._states["image_proj"],
+                                                    jnp.asarray(pixels))
         return tokens[:-1], tokens[-1:]
 
     def frame_tokens(self, start: jax.Array, end: jax.Array, frames: int, mode: str) -> jax.Array:
         """Per-frame tokens [B, L, N, D] from start/end tokens [B, N, D]: the SMP's prediction or interpolation."""
         if mode == "none":
             return interpolate_tokens(start, end, frames)
-        fn = self._program(("smp", frames), lambda: jax.jit(
-            lambda s, a, b: self._model("smp", s)(a, b, frames)))
-        return fn(self._states["smp"], start, end)
+        return self._program(self._smp_program, frames)(self._states["smp"], start, end)
 
-    def check(self, o: TransitionOptions) -> None:
-        check_options(self.config, o)
+    def check(self, options: TransitionOptions) -> None:
+        check_options(self.config, options)
+
+    # ------------------------------------------------------------------ the call
+    def __call__(self, start, end, options: TransitionOptions = TransitionOptions(), *,
+                 progress: bool | Progress = True, tokens: tuple[jax.Array, jax.Array] | None = None
+                 ) -> TransitionResult:
+        """start/end: PIL images or uint8 HWC arrays (any size: scaled to cover, centre-cropped).
+
+        tokens: optional precomputed (`image_tokens([start, end])`) to skip re-encoding. progress: console bars
+        (True), none (False), or a `Progress` of your own (e.g. with a listener).
+        """
+        # 1. Check the settings against this model.
+        self.check(options)
+        progress = as_progress(progress)
+        c = self.components
+        timings: dict[str, float] = {}
+        # 2. Encode: both frames' image tokens and every frame's in between, the prompt, the anchors' latents.
+        with timed(timings, "encode_s"):
+            pictures = [fit_image(start, options.height, options.width), fit_image(end, options.height, options.width)]
+            ends, uncond = tokens if tokens is not None else self.image_tokens(pictures)
+            per_frame = self.frame_tokens(ends[None, 0], ends[None, 1], options.frames, options.smp)
+            ctx = self.encode_prompt(options.prompt, options.negative)
+            h, w = options.height // self.config.vae.downscale, options.width // self.config.vae.downscale
+            channels = self.config.unet.unet.in_channels
+            anchors = jnp.zeros((2, h, w, channels), c.dtype)
+            if options.anchor:
+                images = jnp.asarray(np.stack(pictures), jnp.float32) / 127.5 - 1.0
+                anchors = self._program(self._encode_program)(self._states["vae"], images).astype(c.dtype)
+        # 3. Denoise every frame together.
+        with timed(timings, "denoise_s"):
+            sampler = make_sampler("ddim", self.config.scheduler, options.steps)
+            noise = jax.random.normal(jax.random.key(options.seed), (1, options.frames, h, w, channels), jnp.float32)
+            noise = jax.device_put(noise.astype(c.dtype), self._frame_sharding(options.frames))
+            denoise = self._program(self._denoise_program, sampler, options.anchor)
+            with progress.phase("denoise", options.steps):
+                (latents,) = run_steps(denoise, self._states["unet"], (noise * sampler.init_noise_sigma,),
+                                       (noise, ctx, per_frame.astype(c.dtype), uncond.astype(c.dtype),
+                                        jnp.float32(options.guidance), jnp.float32(options.ip_scale), anchors),
+                                       options.steps, progress)
+            latents = jax.block_until_ready(latents)[0]
+        # 4. Decode, a few frames at a time.
+        with timed(timings, "decode_s"):
+            frames = self._decode(latents, options.decode_batch, progress)
+        info = {"timings": timings, "options": options.to_dict(), "smp": options.smp, "frames": int(frames.shape[0])}
+        return TransitionResult(frames, np.asarray(latents, np.float32), info)
+
+    def _frame_sharding(self, frames: int):
+        """Frames over `data` when they divide evenly (motion modules then exchange across devices)."""
+        if self.n_devices > 1 and frames % self.n_devices == 0:
+            return NamedSharding(self.mesh, PartitionSpec(None, "data"))
+        return replicated(self.mesh)
+
+    def _decode(self, latents: jax.Array, batch: int, progress: Progress) -> np.ndarray:
+        batch = -(-batch // self.n_devices) * self.n_devices
+        decode = self._program(self._decode_program)
+        n = latents.shape[0]
+        out = []
+        with progress.phase("decode", -(-n // batch)):
+            for i in range(0, n, batch):
+                chunk = latents[i:i + batch]
+                pad = batch - chunk.shape[0]
+                if pad:
+                    chunk = jnp.concatenate([chunk, jnp.repeat(chunk[-1:], pad, axis=0)])
+                out.append(np.asarray(decode(self._states["vae"], chunk))[: batch - pad])
+                progress.tick()
+        return np.concatenate(out)
 
     # ------------------------------------------------------------------ programs
-    def _denoise_program(self, sampler, anchor: bool, ticks: bool):
-        """ticks: report each step to the progress bar. Off when nobody watches, which also lets JAX's
-        persistent compilation cache keep the program (it never stores programs with host callbacks)."""
+    def _text_program(self):
+        return jax.jit(lambda state, ids: self._model("text_encoder", state)(ids).last_hidden_state)
+
+    def _image_program(self):
+        def run(enc_state, proj_state, pixels):
+            feats = self._model("image_encoder", enc_state)(pixels).penultimate
+            return self._model("image_proj", proj_state)(feats)
+
+        return jax.jit(run)
+
+    def _smp_program(self, frames: int):
+        return jax.jit(lambda state, start, end: self._model("smp", state)(start, end, frames))
+
+    def _encode_program(self):
+        return jax.jit(lambda state, images: self._model("vae", state).encode_latents(images))
+
+    def _decode_program(self):
+        return jax.jit(lambda state, z: to_uint8(self._model("vae", state).decode_latents(z)))
+
+    def _denoise_program(self, sampler, anchor: bool):
+        """Every frame denoised together; x [1, L, h, w, C] the latents so far (noise x the initial sigma before
+        the first step), noise [1, L, h, w, C] the run's noise, tokens [1, L, N, D] each frame's image tokens,
+        uncond_tokens [1, N, D], anchors [2, h, w, C] the given frames' latents."""
         n = sampler.num_steps
 
-        def run(unet_state, noise, ctx, tokens, uncond_tokens, guidance, ip_scale, anchors):
-            # noise [1, L, h, w, C]; tokens [1, L, N, D]; uncond_tokens [1, N, D]; anchors [2, h, w, C]
+        def run(unet_state, x, noise, ctx, tokens, uncond_tokens, guidance, ip_scale, anchors, steps=None):
             unet = self._model("unet", unet_state)
             frames = noise.shape[1]
             image = jnp.concatenate([jnp.broadcast_to(uncond_tokens[:, None], tokens.shape), tokens])
@@ -204,87 +290,11 @@ class TransitionPipeline:
                 out = unet(xin, sampler.model_timestep(i), ctx, image_tokens=image, ip_scale=ip_scale)
                 uncond, cond = jnp.split(out.astype(jnp.float32), 2)
                 eps = uncond + guidance * (cond - uncond)
-                if ticks:
-                    tick_from_jit(i)
                 return held(sampler.step(eps, i, x), i + 1), None
 
-            x0 = held(noise * sampler.init_noise_sigma, 0)
-            x, _ = jax.lax.scan(step, x0.astype(noise.dtype), jnp.arange(n))
-            return x
+            steps = jnp.arange(n) if steps is None else steps
+            # Held before the first step; a call starting later gets latents its predecessor already held.
+            x = jnp.where(steps[0] == 0, held(x, 0), x)
+            return jax.lax.scan(step, x.astype(noise.dtype), steps)[0]
 
         return jax.jit(run)
-
-    def _frame_sharding(self, frames: int):
-        """Frames over `data` when they divide evenly (motion modules then exchange across devices)."""
-        from jax.sharding import NamedSharding
-        from jax.sharding import PartitionSpec as P
-
-        if self.n_devices > 1 and frames % self.n_devices == 0:
-            return NamedSharding(self.mesh, P(None, "data"))
-        return replicated(self.mesh)
-
-    # ------------------------------------------------------------------ the call
-    def __call__(self, start, end, options: TransitionOptions = TransitionOptions(), *, progress: bool = True,
-                 tokens: tuple[jax.Array, jax.Array] | None = None) -> TransitionResult:
-        """start/end: PIL images or uint8 HWC arrays (any size: scaled to cover, centre-cropped).
-
-        tokens: optional precomputed (`image_tokens([start, end])`) to skip re-encoding.
-        """
-        o = options
-        self.check(o)
-        c = self.components
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        pictures = [fit_image(start, o.height, o.width), fit_image(end, o.height, o.width)]
-        ends, uncond = tokens if tokens is not None else self.image_tokens(pictures)
-        per_frame = self.frame_tokens(ends[None, 0], ends[None, 1], o.frames, o.smp)
-        ctx = self.encode_prompt(o.prompt, o.negative)
-        vae_scale = self.config.vae.downscale
-        h, w = o.height // vae_scale, o.width // vae_scale
-        anchors = None
-        if o.anchor:
-            enc = self._program(("encode", o.height, o.width), lambda: jax.jit(
-                lambda s, x: self._model("vae", s).encode_latents(x)))
-            images = jnp.asarray(np.stack(pictures), jnp.float32) / 127.5 - 1.0
-            anchors = enc(self._states["vae"], images).astype(c.dtype)
-        timings["encode_s"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        sampler = make_sampler("ddim", self.config.scheduler, o.steps)
-        channels = self.config.unet.unet.in_channels
-        noise = jax.random.normal(jax.random.key(o.seed), (1, o.frames, h, w, channels), jnp.float32).astype(c.dtype)
-        noise = jax.device_put(noise, self._frame_sharding(o.frames))
-        if anchors is None:
-            anchors = jnp.zeros((2, h, w, channels), c.dtype)
-        ticks = progress or Progress.listener is not None
-        run = self._program(("denoise", sampler, o.anchor, ticks),
-                            lambda: self._denoise_program(sampler, o.anchor, ticks))
-        Progress.start(progress, o.steps, "denoise")
-        latents = run(self._states["unet"], noise, ctx, per_frame.astype(c.dtype), uncond.astype(c.dtype),
-                      jnp.float32(o.guidance), jnp.float32(o.ip_scale), anchors)
-        latents = jax.block_until_ready(latents)[0]
-        Progress.close()
-        timings["denoise_s"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        frames = self._decode(latents, o.decode_batch, progress)
-        timings["decode_s"] = time.perf_counter() - t0
-        info = {"timings": timings, "options": asdict(o), "smp": o.smp, "frames": int(frames.shape[0])}
-        return TransitionResult(frames, info, latents=np.asarray(latents, np.float32))
-
-    def _decode(self, latents: jax.Array, batch: int, progress: bool) -> np.ndarray:
-        batch = -(-batch // self.n_devices) * self.n_devices
-        decode = self._program(("decode", batch), lambda: jax.jit(
-            lambda s, z: _to_uint8(self._model("vae", s).decode_latents(z))))
-        n = latents.shape[0]
-        out = []
-        Progress.start(progress, -(-n // batch), "decode")
-        for i in range(0, n, batch):
-            chunk = latents[i:i + batch]
-            pad = batch - chunk.shape[0]
-            if pad:
-                chunk = jnp.concatenate([chunk, jnp.repeat(chunk[-1:], pad, axis=0)])
-            out.append(np.asarray(decode(self._states["vae"], chunk))[: batch - pad])
-            Progress.tick()
-        Progress.close()
-        return np.concatenate(out)
