@@ -123,7 +123,7 @@ def report(cli: dict, compiled: dict, args, command: str) -> str:
              row("fresh cache folder, first run (fills it)", cli["fill"], ("first_step_s", "total_s")),
              row("second run (reads it)", cli["hit"], ("first_step_s", "total_s")), "",
              f"Story write and read programs, {args.preset} at {args.size}² (bf16 abstract weights, 35 steps, 4 id "
-             "images, read batch 4, one step per call as a watched run compiles them), seconds to trace "
+             "images, read batch 4, one step per call, as the pipelines compile them), seconds to trace "
              "(Python, never cached) and to compile (or load):", "",
              "| run | write: trace | write: compile | read: trace | read: compile |",
              "| --- | ---: | ---: | ---: | ---: |",
