@@ -123,9 +123,10 @@ def measure(args, resolution: int) -> dict:
     from storydiff_jax.models.clip_text import load_tokenizer, tokenize
     from storydiff_jax.pipelines.components import preset_tokenizer_dir
     from storydiff_jax.pipelines.video_components import load_video_components, load_video_config
+    from storydiff_jax.sharding import make_mesh, put_sharded
     from train.config import TrainConfig
     from train.loop import peak_tflops, step_flops
-    from train.step import Trainer, make_mesh, put, split_params
+    from train.step import Trainer, split_params
 
     devices = jax.device_count()
     batch = args.batch_per_device * devices
@@ -158,10 +159,10 @@ def measure(args, resolution: int) -> dict:
     else:
         state = trainer.init_state(trainable)
         state_sh, frozen_sh, batch_sh = trainer.shardings(mesh, state, frozen)
-        state, frozen_in = put(state, state_sh), put(frozen, frozen_sh)
+        state, frozen_in = put_sharded(state, state_sh), put_sharded(frozen, frozen_sh)
         rng = np.random.default_rng(0)
         host_batch = {"frames": rng.integers(0, 256, frames_shape, dtype=np.uint8), "input_ids": ids}
-        data = put(host_batch, batch_sh)
+        data = put_sharded(host_batch, batch_sh)
     del trainable, frozen
     out["setup_s"] = time.perf_counter() - t0
 

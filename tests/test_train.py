@@ -72,11 +72,12 @@ def driver(data, ref, out):
     import jax
 
     from storydiff_jax.pipelines.video_components import load_video_components
+    from storydiff_jax.sharding import make_mesh, put_sharded
     from train.__main__ import main
     from train.config import TrainConfig
     from train.data import make_loader, open_source
     from train.loop import train
-    from train.step import Trainer, global_batch, make_mesh, put, split_params
+    from train.step import Trainer, global_batch, split_params
 
     assert jax.device_count() == 8
     results = {}
@@ -93,7 +94,7 @@ def driver(data, ref, out):
         mesh = make_mesh({"data": n, "fsdp": 1}, jax.devices()[:n])
         state = trainer.init_state(trainable)
         state_sh, frozen_sh, _ = trainer.shardings(mesh, state, frozen)
-        state, frozen_n = put(state, state_sh), put(frozen, frozen_sh)
+        state, frozen_n = put_sharded(state, state_sh), put_sharded(frozen, frozen_sh)
         batch = global_batch(local, mesh)
         step = trainer.compiled_step(mesh, state, frozen_n, batch)
         new, metrics = step(state, frozen_n, batch, jax.device_put(np.float32(cfg.lr), jax.sharding.NamedSharding(
@@ -331,7 +332,8 @@ def test_mesh_and_fsdp_rules():
     from jax.sharding import PartitionSpec as P
 
     from storydiff_jax.errors import ConfigError
-    from train.step import check_batch, param_spec, parse_mesh
+    from storydiff_jax.sharding import param_spec, parse_mesh
+    from train.step import check_batch
 
     assert parse_mesh("data=auto", 8) == {"data": 8, "fsdp": 1}
     assert parse_mesh("data=2,fsdp=4", 8) == {"data": 2, "fsdp": 4}

@@ -84,10 +84,11 @@ def test_cached_step_equals_raw_step(setup):
     import jax
 
     from storydiff_jax.pipelines.video_components import load_video_components
+    from storydiff_jax.sharding import make_mesh
     from train.config import TrainConfig
     from train.data import make_loader, open_source
     from train.features import open_features
-    from train.step import Trainer, global_batch, make_mesh, split_params
+    from train.step import Trainer, global_batch, split_params
 
     cfg = TrainConfig(model="tiny-video", data_dir=setup["data"], features=setup["cache"], steps=STEPS, **RUN)
     comp = load_video_components("tiny-video")

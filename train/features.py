@@ -123,8 +123,9 @@ def write_features(cfg: TrainConfig, out: str, *, overwrite: bool = False, progr
 
     from storydiff_jax.outputs import staged_folder
     from storydiff_jax.pipelines.video_components import load_video_components, load_video_config
+    from storydiff_jax.sharding import DATA, FSDP, make_mesh, put_sharded
 
-    from .step import Trainer, check_settings, global_batch, make_mesh, put, split_params
+    from .step import Trainer, check_settings, global_batch, split_params
 
     source = open_source(cfg.data_dir, frames=cfg.frames, resolution=cfg.resolution)
     config = load_video_config(cfg.model)
@@ -139,9 +140,9 @@ def write_features(cfg: TrainConfig, out: str, *, overwrite: bool = False, progr
     trainer = Trainer.build(cfg, config, components.tokenizer)
     devices = jax.local_devices()
     per_call = -(-cfg.batch_size // len(devices)) * len(devices)   # every device gets the same share
-    mesh = make_mesh({"data": len(devices), "fsdp": 1}, devices)
+    mesh = make_mesh({DATA: len(devices), FSDP: 1}, devices)
     replicated = NamedSharding(mesh, P())
-    frozen = put(frozen, jax.tree.map(lambda _: replicated, frozen))
+    frozen = put_sharded(frozen, jax.tree.map(lambda _: replicated, frozen))
     # Kept with the trainer's programs: a later cache of the same shapes in this process reuses them.
     encode = trainer.programs.setdefault("encode_features", jax.jit(trainer.encode_features))
     constants = trainer.programs.setdefault("constant_features", jax.jit(trainer.constant_features))

@@ -303,20 +303,11 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, e
     from jax.sharding import NamedSharding, PartitionSpec
 
     from storydiff_jax.pipelines.video_components import PRESETS, load_video_components, load_video_config
+    from storydiff_jax.sharding import make_mesh, parse_mesh, put_sharded
 
     from .data import make_loader, open_source
     from .features import open_features
-    from .step import (
-        Trainer,
-        check_batch,
-        check_settings,
-        global_batch,
-        learning_rate,
-        make_mesh,
-        parse_mesh,
-        put,
-        split_params,
-    )
+    from .step import Trainer, check_batch, check_settings, global_batch, learning_rate, split_params
 
     timings = {}
     t0 = time.perf_counter()
@@ -349,7 +340,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, e
     if cache is not None:
         frozen = cache.frozen(frozen)   # the encoders stay off the devices; their constant outputs instead
     state_sh, frozen_sh, _ = trainer.shardings(mesh, state, frozen)
-    frozen = put(frozen, frozen_sh)
+    frozen = put_sharded(frozen, frozen_sh)
     loader_args = dict(per_host_batch=cfg.batch_size // hosts, seed=cfg.seed, num_frames=cfg.frames,
                        resolution=cfg.resolution, tokenizer=components.tokenizer, prepared=cache is not None)
     data = source if cache is None else cache   # cached rows: the same indices, so the same clips per step
@@ -365,7 +356,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, e
         log(f"resumed {workdir} at step {start}")
     else:
         start = 0
-        state = put(state, state_sh)
+        state = put_sharded(state, state_sh)
     del components, trainable
     if start >= cfg.steps:
         manager.close()

@@ -47,6 +47,7 @@ from storydiff_jax.params import path_str
 from storydiff_jax.pipelines.components import component_dtype
 from storydiff_jax.pipelines.video_components import BUILDERS, VideoComponents, VideoPipelineConfig
 from storydiff_jax.schedulers import add_noise
+from storydiff_jax.sharding import DATA, FSDP, batch_sharding, tree_shardings
 
 from .config import TrainConfig
 
@@ -159,75 +160,14 @@ def split_params(components: VideoComponents, cfg: TrainConfig, *, smp_from_mode
     return trainable, frozen, config
 
 
-# ----------------------------------------------------------------------------------------------------
-# Shardings
-
-
-def parse_mesh(spec: str, n_devices: int) -> dict[str, int]:
-    """"data=auto" | "data=8" | "data=2,fsdp=4" -> {"data": d, "fsdp": f} with d * f == n_devices."""
-    sizes: dict[str, Any] = {"data": "auto", "fsdp": 1}
-    for part in filter(None, spec.replace(" ", "").split(",")):
-        name, _, value = part.partition("=")
-        if name not in sizes or not value:
-            raise ConfigError(f"--mesh {spec!r}: expected e.g. data=8 or data=2,fsdp=4 (axes: data, fsdp)")
-        if value != "auto":
-            try:
-                sizes[name] = int(value)
-            except ValueError:
-                raise ConfigError(f"--mesh {spec!r}: {name}={value} is not a whole number or auto") from None
-            if sizes[name] < 1:
-                raise ConfigError(f"--mesh {spec!r}: {name} must be >= 1")
-    if sizes["fsdp"] == "auto":
-        raise ConfigError(f"--mesh {spec!r}: give fsdp a size (data may be auto)")
-    if sizes["data"] == "auto":
-        if n_devices % sizes["fsdp"]:
-            raise ConfigError(f"--mesh {spec!r}: fsdp={sizes['fsdp']} does not divide the {n_devices} devices")
-        sizes["data"] = n_devices // sizes["fsdp"]
-    return sizes
-
-
 def check_batch(batch_size: int, sizes: dict[str, int], processes: int = 1) -> None:
-    shards = sizes["data"] * sizes["fsdp"]
+    """The global batch splits evenly over the mesh's batch shards and over the hosts."""
+    shards = sizes[DATA] * sizes[FSDP]
     if batch_size % shards:
-        raise ConfigError(f"--batch-size {batch_size} is not divisible by the data axis (data={sizes['data']} x "
-                          f"fsdp={sizes['fsdp']} = {shards} shards); use a multiple of {shards}")
+        raise ConfigError(f"--batch-size {batch_size} is not divisible by the data axis ({DATA}={sizes[DATA]} x "
+                          f"{FSDP}={sizes[FSDP]} = {shards} shards); use a multiple of {shards}")
     if batch_size % processes:
         raise ConfigError(f"--batch-size {batch_size} is not divisible by the {processes} processes")
-
-
-def make_mesh(sizes: dict[str, int], devices=None) -> Mesh:
-    devices = list(devices if devices is not None else jax.devices())
-    n = sizes["data"] * sizes["fsdp"]
-    if n != len(devices):
-        raise ConfigError(f"--mesh data={sizes['data']},fsdp={sizes['fsdp']} needs {n} devices, there are "
-                          f"{len(devices)}")
-    auto = jax.sharding.AxisType.Auto
-    return jax.make_mesh((sizes["data"], sizes["fsdp"]), ("data", "fsdp"), devices=devices, axis_types=(auto, auto))
-
-
-def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> P:
-    """Large arrays shard their biggest `fsdp`-divisible axis over `fsdp`; the rest are replicated.
-
-    Shape-based, so parameters and their Adam moments get the same layout.
-    """
-    if fsdp <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
-        return P()
-    axes = sorted(range(len(shape)), key=lambda i: -shape[i])
-    for i in axes:
-        if shape[i] % fsdp == 0:
-            spec = [None] * len(shape)
-            spec[i] = "fsdp"
-            return P(*spec)
-    return P()
-
-
-def tree_shardings(tree, mesh: Mesh, min_size: int):
-    fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), fsdp, min_size)), tree)
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(("data", "fsdp")))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -479,10 +419,6 @@ _TRAINERS: dict = {}
 
 def program_settings(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, **_OUTSIDE_PROGRAM)
-
-
-def put(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:
