@@ -6,6 +6,9 @@ import argparse
 import sys
 
 from storydiff_jax.cli import run_command
+from storydiff_jax.nn.remat import REMAT_MODES
+
+from .config import TrainConfig
 
 DESCRIPTION = """\
 Train the transition-video model's Semantic Motion Predictor together with IP-Adapter-Plus's image projection
@@ -33,8 +36,8 @@ def _model_args(p):
 
 def _smp_parser(sub):
     p = sub.add_parser("smp", help="train the SMP (+ image projection, IP layers, motion modules)",
-                       description="Train or resume a run. All settings except --mesh, --save-every, --keep, "
-                                   "--log-every must match when resuming in the same --workdir.")
+                       description="Train or resume a run. All settings except --mesh, --remat, --save-every, "
+                                   "--keep, --log-every must match when resuming in the same --workdir.")
     p.add_argument("--data-dir", required=True, help="clip folder (index.json + clips/*.npz) or WebVid build")
     p.add_argument("--workdir", required=True, help="checkpoints, logs and TensorBoard events of this run")
     p.add_argument("--features", metavar="CACHE_DIR", default="",
@@ -56,9 +59,16 @@ def _smp_parser(sub):
                    help="--freeze motion: keep the motion modules fixed")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype (trained params stay float32)")
-    p.add_argument("--remat", action="store_true", help="recompute U-Net activations in the backward pass")
+    p.add_argument("--remat", choices=REMAT_MODES, nargs="?", const="blocks", default="none",
+                   help="activation checkpoints in the U-Net's resnets, transformers and motion modules: none (keep "
+                        "everything), blocks (keep block inputs, matmul and conv outputs; recompute the rest), full "
+                        "(keep only block inputs; recompute each block's forward). Same values, less memory, more "
+                        "FLOPs; a bare --remat means blocks. May change when resuming")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mesh", default="data=auto", help="e.g. data=8 or data=2,fsdp=4 (default: all devices on data)")
+    p.add_argument("--fsdp-min-size", type=int, default=TrainConfig.fsdp_min_size, metavar="N",
+                   help="arrays of at least N elements (weights, Adam moments) shard over the mesh's fsdp axis "
+                        "(default 2^18); the rest are replicated")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     p.add_argument("--log-every", type=int, default=10, help="metrics every N steps")
@@ -118,7 +128,6 @@ def _features_parser(sub):
 
 def _cache_features(args) -> int:
     def work():
-        from .config import TrainConfig
         from .features import write_features
 
         cfg = TrainConfig(model=args.model or args.preset or "tiny-video", data_dir=args.data_dir,
@@ -171,7 +180,6 @@ def main(argv=None) -> int:
     def work():
         from storydiff_jax.errors import ConfigError
 
-        from .config import TrainConfig
         from .loop import init_distributed, train
 
         if args.distributed:
@@ -184,7 +192,7 @@ def main(argv=None) -> int:
                           clip_norm=args.clip_norm, text_drop=args.text_drop, image_drop=args.image_drop,
                           freeze_motion="motion" in args.freeze, dtype=args.dtype, remat=args.remat, seed=args.seed,
                           mesh=args.mesh, save_every=args.save_every, keep=args.keep, log_every=args.log_every,
-                          features=args.features)
+                          features=args.features, fsdp_min_size=args.fsdp_min_size)
         summary = train(cfg, args.workdir, progress=not args.quiet)
         if summary["preempted"]:
             raise SystemExit(143)   # 128 + SIGTERM: the scheduler sees a preempted, resumable run

@@ -43,6 +43,7 @@ from storydiff_jax.images import CLIP_MEAN, CLIP_STD
 from storydiff_jax.models.clip_text import tokenize
 from storydiff_jax.models.smp import SMPConfig, smp_init_params
 from storydiff_jax.models.vae import posterior_latents
+from storydiff_jax.nn.remat import set_remat
 from storydiff_jax.params import path_str
 from storydiff_jax.pipelines.components import component_dtype
 from storydiff_jax.pipelines.video_components import BUILDERS, VideoComponents, VideoPipelineConfig
@@ -59,7 +60,8 @@ CACHED_BATCH = ("latent_mean", "latent_logvar", "image_feats", "text_states")   
 
 
 def is_trainable(component: str, path: str, freeze_motion: bool) -> bool:
-    """Issue 7's split: SMP and image projection whole; in the U-Net the IP layers and motion modules."""
+    """What training changes: the SMP and the image projection whole; in the U-Net, IP-Adapter's image
+    branch (to_k_ip / to_v_ip) and, unless frozen, the motion modules. Everything else is frozen."""
     if component in ("smp", "image_proj"):
         return True
     if component != "unet":
@@ -243,10 +245,17 @@ class Trainer:
     def _build(cls, cfg: TrainConfig, config: VideoPipelineConfig, tokenizer) -> Trainer:
         compute = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
         check_settings(cfg, config)
+        # Checkpoints in the U-Net's blocks only: nothing else is differentiated through at any size that
+        # matters (the SMP and the image projection are small; the frozen encoders run before `loss`).
+        remat = {"unet": cfg.remat}
+
+        def build(name, c, dt):
+            return set_remat(BUILDERS[name](c, dtype=dt, rngs=nnx.Rngs(0)), remat.get(name, "none"))
+
         asm = {}
         for name in COMPONENTS:
             c, dt = config.component_config(name), component_dtype(config, name, compute)
-            asm[name] = Assembler(lambda c=c, dt=dt, name=name: BUILDERS[name](c, dtype=dt, rngs=nnx.Rngs(0)))
+            asm[name] = Assembler(lambda name=name, c=c, dt=dt: build(name, c, dt))
         return cls(cfg, config, asm, tokenize(tokenizer, [""])[0], optimizer(cfg))
 
     # -- state --
@@ -260,15 +269,6 @@ class Trainer:
         return jax.eval_shape(lambda: self.init_state(trainable))
 
     # -- the computation --
-
-    def _models(self, trainable: dict, frozen: dict) -> dict[str, nnx.Module]:
-        out = {}
-        for name, asm in self.assemblers.items():
-            flat = dict(frozen[name])
-            if name in trainable:
-                flat.update(flatten(trainable[name]))
-            out[name] = asm.merge(flat)
-        return out
 
     def encoders(self, frozen: dict) -> dict[str, nnx.Module]:
         return {n: self.assemblers[n].merge(frozen[n]) for n in FROZEN_ONLY}
@@ -353,14 +353,9 @@ class Trainer:
         t = jax.random.randint(k_t, (b,), 0, self.config.scheduler.num_train_timesteps)
         noisy = add_noise(self.config.scheduler, latents, noise, t)
 
-        def run_unet(unet_trained, noisy, t, ctx, per_frame):
-            unet = self.assemblers["unet"].merge({**unet_frozen, **unet_trained})
-            return unet(noisy.astype(unet.dtype), t, ctx, image_tokens=per_frame)
-
-        if self.cfg.remat:
-            # Recompute the U-Net's activations in the backward pass, keeping only matmul results.
-            run_unet = jax.checkpoint(run_unet, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-        pred = run_unet(unet_trained, noisy, t, ctx, per_frame)
+        # The U-Net's blocks carry the run's rematerialisation policy (`Trainer._build`, nn/remat.py).
+        unet = self.assemblers["unet"].merge({**unet_frozen, **unet_trained})
+        pred = unet(noisy.astype(unet.dtype), t, ctx, image_tokens=per_frame)
         return jnp.mean(jnp.square(pred.astype(jnp.float32) - noise))
 
     def loss_and_grads(self, state: dict, frozen: dict, batch: dict):
