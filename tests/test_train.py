@@ -34,7 +34,6 @@ import time
 
 import numpy as np
 import pytest
-from conftest import cpu_env
 from train_model import model_args, restore_params, write_clips, write_micro_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,8 +183,9 @@ def start_killed_run(data, work, model, cache):
     its first checkpoint exists and the step after it has started."""
     log = os.path.join(work, "examples-p0.log")
     first_save = os.path.join(work, "checkpoints", str(SAVE_EVERY))
+    # This process's environment: 8 devices and the suite's flags (the pytest process set them).
     proc = subprocess.Popen([sys.executable, "-m", "train", *_run_args(data, work, model, cache)], cwd=ROOT,
-                            env=cpu_env(8), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=os.environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # Once step SAVE_EVERY has started and its checkpoint exists (the next save is a step and a save away).
     ready = lambda n: n > SAVE_EVERY and os.path.isdir(first_save)  # noqa: E731
     watcher = threading.Thread(target=_signal_when, args=(log, ready, proc.kill, proc), daemon=True)
@@ -228,6 +228,8 @@ def resume_on_other_meshes(killed, data, work, model, cache, main):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    from conftest import cpu_env  # here, not at the top: the subprocesses run this file without torch
+
     from train.__main__ import main
 
     root = tmp_path_factory.mktemp("train")
@@ -447,6 +449,38 @@ def test_one_line_errors(run, tmp_path, capsys):
 
     proc = subprocess.run([sys.executable, "-m", "train", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and "WebVid TFDS builder" in proc.stdout and "export" in proc.stdout
+
+
+def test_attention_in_query_blocks_is_exact():
+    """Under --remat, attention over more logits than its budget runs in query blocks recomputed in the
+    backward pass (`set_remat` sets the budget; the micro model's attentions are all under it): the same
+    values and gradients as in one piece, with and without a key mask, queries not a multiple of the block."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from storydiff_jax.nn.attention import Attention, dot_product_attention
+    from storydiff_jax.nn.remat import set_remat
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 37, 3, 8)), jnp.float32) for _ in range(3))
+    budget = 2 * 3 * 37 * 5   # 5 queries a block: 8 blocks, the last one padded
+
+    def loss(q, k, v, mask, budget):
+        return jnp.sum(jnp.sin(dot_product_attention(q, k, v, mask, backend="xla", logits_budget=budget)))
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=4)
+    for mask in (None, jnp.asarray(rng.random((2, 1, 1, 37)) > 0.2)):
+        (whole, g_whole), (blocked, g_blocked) = grad(q, k, v, mask, None), grad(q, k, v, mask, budget)
+        assert abs(float(whole) - float(blocked)) <= 1e-6 * abs(float(whole))
+        for a, b in zip(g_whole, g_blocked):
+            assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(a)))
+    blocks = jax.make_jaxpr(lambda q: dot_product_attention(q, k, v, backend="xla", logits_budget=budget))(q)
+    assert any(e.primitive.name == "scan" for e in blocks.eqns)   # it did run in blocks
+
+    layer = Attention(8, 2, 4, rngs=nnx.Rngs(0))
+    assert layer.logits_budget is None
+    assert set_remat(layer, "blocks").logits_budget is not None and set_remat(layer, "none").logits_budget is None
 
 
 def test_mesh_and_fsdp_rules():

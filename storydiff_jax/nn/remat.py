@@ -12,7 +12,11 @@ encoders never pay for it. The block then runs under `jax.checkpoint` with the m
           between them (norms, activations, softmax, the attention scores' batched products) is
           recomputed in the backward pass;
   full    each block keeps only its inputs (policy `block_inputs`) and recomputes its whole forward in
-          the backward pass: the least memory, one more forward pass of the blocks.
+          the backward pass: one more forward pass of the blocks.
+
+With blocks and full, attention layers also compute their logits in query blocks of at most
+`nn.attention.LOGITS_BUDGET` elements, recomputed in the backward pass: one self-attention over 16 frames at
+512² would otherwise hold 8 GiB of float32 logits, whatever the block checkpoints keep.
 
 Recomputation changes no value: the three modes give the same loss and gradients (to float rounding).
 """
@@ -25,6 +29,7 @@ import jax
 from flax import nnx
 
 from ..errors import ConfigError
+from .attention import LOGITS_BUDGET, Attention
 
 REMAT_MODES = ("none", "blocks", "full")
 
@@ -62,11 +67,15 @@ def rematerialisable(call):
 
 
 def set_remat(model: nnx.Module, mode: str) -> nnx.Module:
-    """Give every rematerialisable block of `model` the policy of `mode` (one of REMAT_MODES); returns `model`."""
+    """Give every rematerialisable block of `model` the policy of `mode` (one of REMAT_MODES), and with
+    blocks or full every attention layer a logits budget (its queries then go through in blocks whose
+    logits are recomputed in the backward pass, `nn.attention.dot_product_attention`); returns `model`."""
     if mode not in POLICIES:
         raise ConfigError(f"--remat {mode!r} is not one of {', '.join(REMAT_MODES)}")
     policy = POLICIES[mode]
     for _, module in model.iter_modules():
         if getattr(type(module).__call__, "rematerialisable", False):
             module.remat_policy = policy
+        if isinstance(module, Attention):
+            module.logits_budget = None if policy is None else LOGITS_BUDGET
     return model
