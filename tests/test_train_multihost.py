@@ -24,7 +24,6 @@ import time
 
 import numpy as np
 import pytest
-from conftest import cpu_env
 from train_model import FRAMES, RESOLUTION, model_args, restore_params, write_clips, write_micro_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,6 +35,12 @@ RUN = dict(steps=STEPS, batch_size=2, frames=FRAMES, resolution=RESOLUTION, lr=3
 REF = {**RUN, "save_every": 1, "keep": STEPS}
 TIMEOUT = 900
 
+
+
+def _env(devices: int) -> dict:
+    from conftest import cpu_env  # here, not at the top: the reference subprocess runs this file without torch
+
+    return cpu_env(devices)
 
 
 def _free_port():
@@ -55,7 +60,7 @@ def _host_args(data, workdir, model, port, process):
 
 def _start_hosts(data, workdir, model):
     port = _free_port()
-    return [subprocess.Popen(_host_args(data, workdir, model, port, i), cwd=ROOT, env=cpu_env(1),
+    return [subprocess.Popen(_host_args(data, workdir, model, port, i), cwd=ROOT, env=_env(1),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(HOSTS)]
 
 
@@ -97,7 +102,7 @@ def run(tmp_path_factory):
     t0 = time.perf_counter()
     # The reference runs beside the two hosts (three processes on two cores; the hosts' steps wait on each
     # other's collectives anyway).
-    ref_proc = subprocess.Popen([sys.executable, __file__, data, model, ref, ref_out], cwd=ROOT, env=cpu_env(2),
+    ref_proc = subprocess.Popen([sys.executable, __file__, data, model, ref, ref_out], cwd=ROOT, env=_env(2),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     procs = _start_hosts(data, work, model)
     # SIGTERM to process 1 alone, once it has started its second step.
@@ -196,7 +201,7 @@ def test_distributed_option_errors(tmp_path):
              (["--process-id", "1"], "--coordinator / --num-processes / --process-id need --distributed")]
     for extra, message in cases:
         proc = subprocess.run([sys.executable, "-m", "train", "smp", "--data-dir", str(tmp_path / "clips"),
-                               "--workdir", str(tmp_path / "w"), *extra], cwd=ROOT, env=cpu_env(1),
+                               "--workdir", str(tmp_path / "w"), *extra], cwd=ROOT, env=_env(1),
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr[-2000:]
     assert os.listdir(tmp_path) == []

@@ -431,9 +431,7 @@ def run_steps(run: PreparedRun, *, progress: bool, log) -> LoopOutcome:
 
     writer = None
     if jax.process_index() == 0:
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(os.path.join(run.workdir, "tensorboard"))
+        writer = event_writer(os.path.join(run.workdir, "tensorboard"))
     examples = ExampleLog(run.workdir, jax.process_index(), run.start)
     bar = tqdm(total=cfg.steps, initial=run.start, desc="train smp", unit="step", disable=not progress,
                dynamic_ncols=True)
@@ -478,6 +476,23 @@ def run_steps(run: PreparedRun, *, progress: bool, log) -> LoopOutcome:
             manager.wait_until_finished()
             manager.close()
     return LoopOutcome(step, stopped, last, history, meter.flops_per_device, device.device_kind)
+
+
+def event_writer(logdir: str):
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it is installed,
+    only to accept torch tensors (ours are floats), which costs every training process 2.4 s and the memory
+    of torch."""
+    import sys
+
+    block = "torch" not in sys.modules
+    if block:
+        sys.modules["torch"] = None   # makes `import torch` raise ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if block:
+            del sys.modules["torch"]
+    return SummaryWriter(logdir)
 
 
 def report(metrics: dict, step: int, *, bar, writer, log) -> None:
