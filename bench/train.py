@@ -17,9 +17,10 @@ Each combination (resolution, inputs, remat, clips per device) runs in its own s
 (its own device memory). Reported per combination:
   compile          lowering + XLA compilation of the step;
   FLOPs / step     XLA's cost analysis of the compiled step on one device (what the trainer's MFU uses,
-                   `train.loop.step_flops`; it includes the recomputation of --remat), its ratio to the same
-                   combination without remat, and an independent count: 2 x M x N x K of every matmul and
-                   convolution in the step's jaxpr (global, divided by the device count; no elementwise work);
+                   `train.loop.step_flops`; it counts a loop's body once), and an independent count: 2 x M x N
+                   x K of every matmul and convolution in the step's jaxpr (global, divided by the device
+                   count; recomputation and loop iterations included, no elementwise work) with its ratio to
+                   the same combination without remat;
   memory           the compiled program's temporaries, arguments and what one device holds at the peak
                    (`memory_analysis()`), and the most clips per device that fit 16, 32, 80 and 95 GiB
                    (a line through two --batch-per-device values);
@@ -329,7 +330,7 @@ def report(args, argv, results: dict) -> str:
             continue
         r["per_device"] = per_device
         base = results.get(combo_name(res, "none", inputs, per_device), {})
-        flops_ratio = (f"{r['flops_xla'] / base['flops_xla']:.2f}x" if r.get("flops_xla") and base.get("flops_xla")
+        flops_ratio = (f"{r['flops_dots'] / base['flops_dots']:.2f}x" if r.get("flops_dots") and base.get("flops_dots")
                        else "n/a")
         same = [dict(x, per_device=parse_combo(c)[3]) for c, x in results.items() if "error" not in x
                 and parse_combo(c)[:3] == (res, remat, inputs)]
@@ -345,10 +346,11 @@ def report(args, argv, results: dict) -> str:
             "assignment of the compiled step for one device of the mesh; weights, Adam moments and the batch "
             "sharded as in training). Clips ≤ N GiB: the most clips per device within N GiB, on the line through "
             "the measured batch sizes (≥ 1 / 0 where one batch size was measured). XLA TFLOP: "
-            "`compiled.cost_analysis()['flops']` of the step on one device (the trainer's MFU numerator; includes "
-            "the recomputation of --remat). dot+conv: 2 x multiply-adds of every matmul and convolution in the "
-            "step's jaxpr over all devices / device count, an independent count without elementwise work and "
-            "without recomputation. inputs raw: frozen VAE / CLIP vision / text encoders in the step; cached: "
+            "`compiled.cost_analysis()['flops']` of the step on one device (the trainer's MFU numerator; it counts "
+            "a loop's body once, so the query-blocked attention of --remat is undercounted). dot+conv: 2 x "
+            "multiply-adds of every matmul and convolution in the step's jaxpr (recomputation and every loop "
+            "iteration included, elementwise work not) over all devices / device count; FLOPs vs no remat is its "
+            "ratio. inputs raw: frozen VAE / CLIP vision / text encoders in the step; cached: "
             "their outputs from a feature cache (`--features`). MFU against the device's dense bf16 peak "
             + (f"({ok[0]['peak_tflops']:.0f} TFLOP/s)" if ok and ok[0].get("peak_tflops") else "(unknown here: n/a)")
             + f". Step time: median of the timed steps after one untimed step; one clip = {args.frames} frames.", ""]
