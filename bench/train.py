@@ -376,7 +376,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-per-device", default="1", help="clips per device per step; a list (e.g. 1,2) measures "
                                                          "each and fits a line for the clips-that-fit columns")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--remat", default="none", help=f"comma-separated list of {', '.join(REMAT_MODES)}")
+    p.add_argument("--remat", default="blocks", help=f"comma-separated list of {', '.join(REMAT_MODES)}")
     p.add_argument("--inputs", default="raw", help="comma-separated list of raw (encoders in the step), cached "
                                                     "(feature cache: their outputs as inputs)")
     p.add_argument("--mesh", default="data=auto", help="data=..,fsdp=.. over all devices (train's --mesh)")

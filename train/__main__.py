@@ -59,11 +59,12 @@ def _smp_parser(sub):
                    help="--freeze motion: keep the motion modules fixed")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype (trained params stay float32)")
-    p.add_argument("--remat", choices=REMAT_MODES, nargs="?", const="blocks", default="none",
+    p.add_argument("--remat", choices=REMAT_MODES, nargs="?", const="blocks", default=TrainConfig.remat,
                    help="activation checkpoints in the U-Net's resnets, transformers and motion modules: none (keep "
-                        "everything), blocks (keep block inputs, matmul and conv outputs; recompute the rest), full "
-                        "(keep only block inputs; recompute each block's forward). Same values, less memory, more "
-                        "FLOPs; a bare --remat means blocks. May change when resuming")
+                        "everything: fastest, needs ~2x (256²) to ~5x (512²) the memory of blocks), blocks (default: "
+                        "keep block inputs, matmul and conv outputs; recompute the rest and attention logits in "
+                        "query blocks), full (keep only block inputs). The same values either way; may change when "
+                        "resuming (docs/bench_train.md: what fits which chip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mesh", default="data=auto", help="e.g. data=8 or data=2,fsdp=4 (default: all devices on data)")
     p.add_argument("--fsdp-min-size", type=int, default=TrainConfig.fsdp_min_size, metavar="N",

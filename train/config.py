@@ -37,7 +37,7 @@ class TrainConfig:
     image_drop: float = 0.1         # ... and the frames' image tokens -> the unconditional tokens
     freeze_motion: bool = False     # keep AnimateDiff's motion modules fixed
     dtype: str = "float32"          # compute dtype; trainable (master) params stay float32
-    remat: str = "none"             # activation checkpoints in the U-Net's blocks: none | blocks | full
+    remat: str = "blocks"           # activation checkpoints in the U-Net's blocks: none | blocks | full
     seed: int = 0
     mesh: str = "data=auto"
     save_every: int = 500
