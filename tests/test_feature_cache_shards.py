@@ -111,10 +111,11 @@ def test_compact_cache_is_what_the_step_reads(setup, tmp_path):
     import ml_dtypes
 
     from storydiff_jax.pipelines.video_components import load_video_components
+    from storydiff_jax.sharding import make_mesh
     from train.config import TrainConfig
     from train.data import PrepareClip, open_source
     from train.features import FeatureCache, shard_name
-    from train.step import FROZEN_ONLY, Trainer, global_batch, make_mesh, split_params
+    from train.step import FROZEN_ONLY, Trainer, global_batch, split_params
 
     cache = FeatureCache(setup["one"])
     manifest = cache.manifest

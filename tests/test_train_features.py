@@ -1,13 +1,13 @@
-"""The feature cache (`python -m train cache-features`, `smp --features`) on the tiny-video preset: 64x64, 4
-frames, batch 2, one CPU device, all in this process (the raw and the cached train step are each compiled
-once; the CLI runs reuse the cached one).
+"""The feature cache (`python -m train cache-features`, `smp --features`) on the micro model
+(tests/train_model.py): 16x16, 4 frames, one CPU device, all in this process; no train step is compiled here.
 
   * the cached step is the same computation as the raw step: the conditioning it builds from the cache
-    equals the in-step encoders' for the same batch and key, and it feeds the same `loss`;
-  * a `--features` run trains, checkpoints, and resumes to bit-identical params, on the same clips per step
-    as a raw run;
+    equals the in-step encoders' for the same batch and key, and it feeds the same `loss`; a cached loader
+    gives the same clips at every step as a raw one;
   * the cache is deterministic and all-or-nothing; a cache of other frames / resolution / dtype / model /
     dataset is refused in one line, exit 2, before any workdir exists.
+
+`--features` runs train, checkpoint and resume in tests/test_train.py (its reference run is one).
 """
 
 import json
@@ -17,26 +17,26 @@ import time
 
 import numpy as np
 import pytest
-from test_train import write_clips
+from train_model import model_args, write_clips, write_micro_model
 
 SEED = 0   # with drop probabilities 0.5, step 0 drops the caption of one clip of two and keeps the other's
-RUN = dict(frames=4, resolution=64, batch_size=2, lr=3e-3, warmup=0, schedule="constant", seed=SEED,
+RUN = dict(frames=4, resolution=16, batch_size=2, lr=3e-3, warmup=0, schedule="constant", seed=SEED,
            text_drop=0.5, image_drop=0.5, save_every=2, log_every=1)
 STEPS = 4
 
 
-def _cache_args(data, out, **over):
-    args = ["cache-features", "--data-dir", str(data), "--out", str(out), "--preset", "tiny-video", "--quiet",
-            "--frames", "4", "--resolution", "64", "--batch-size", "3"]   # 3: the last call of 8 clips is padded
+def _cache_args(data, out, model, **over):
+    args = ["cache-features", "--data-dir", str(data), "--out", str(out), *model_args(model), "--quiet",
+            "--frames", "4", "--resolution", "16", "--batch-size", "3"]   # 3: the last call of 8 clips is padded
     for k, v in over.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     return args
 
 
-def _smp_args(data, cache, workdir, **over):
+def _smp_args(data, cache, workdir, model, **over):
     s = {**RUN, "steps": STEPS, **over}
-    args = ["smp", "--data-dir", str(data), "--features", str(cache), "--workdir", str(workdir), "--preset",
-            "tiny-video", "--quiet"]
+    args = ["smp", "--data-dir", str(data), "--features", str(cache), "--workdir", str(workdir), *model_args(model),
+            "--quiet"]
     for k, v in s.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     return args
@@ -55,23 +55,25 @@ def setup(tmp_path_factory):
     from train.__main__ import main
 
     root = tmp_path_factory.mktemp("features")
+    model = write_micro_model(root / "model")
     data = write_clips(root / "clips")
     t0 = time.perf_counter()
-    assert main(_cache_args(data, root / "cache")) == 0
+    assert main(_cache_args(data, root / "cache", model)) == 0
     t_cache = time.perf_counter() - t0
-    assert main(_cache_args(data, root / "cache-again")) == 0
+    assert main(_cache_args(data, root / "cache-again", model)) == 0
     print(f"cache-features of 8 clips: {t_cache:.1f}s (first, with the encoders' compile)")
-    return {"root": root, "data": data, "cache": str(root / "cache")}
+    return {"root": root, "data": data, "model": model, "cache": str(root / "cache")}
 
 
 def test_cache_files_deterministic_and_described(setup):
     a, b = _files(setup["cache"]), _files(str(setup["root"] / "cache-again"))
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in a), "two runs wrote different bytes"
     m = json.loads(a["manifest.json"])
-    assert (m["frames"], m["resolution"], m["model"]["dtype"], m["dataset"]["clips"]) == (4, 64, "float32", 8)
+    assert (m["frames"], m["resolution"], m["model"]["dtype"], m["dataset"]["clips"]) == (4, 16, "float32", 8)
     arrays = m["arrays"]
-    assert arrays["latent_mean"]["shape"] == [8, 4, 8, 8, 4]           # 64 px / 8 (the VAE)
-    assert arrays["image_feats"]["shape"][:2] == [8, 2] and arrays["text_states"]["shape"][:2] == [8, 77]
+    assert arrays["latent_mean"]["shape"] == [8, 4, 8, 8, 4]           # 16 px / 2 (the micro model's VAE)
+    assert arrays["image_feats"]["shape"] == [8, 2, 5, 16]             # CLIP at 28 px, patch 14: 4 + 1 tokens
+    assert arrays["text_states"]["shape"] == [8, 77, 16]
     assert arrays["uncond_image"]["shape"][0] == 1 and len(arrays["empty_text"]["shape"]) == 2
     ids = np.load(os.path.join(setup["cache"], "ids.npy"))
     assert ids.tolist() == [f"clip-{i:03d}" for i in range(8)]
@@ -79,27 +81,30 @@ def test_cache_files_deterministic_and_described(setup):
 
 
 def test_cached_step_equals_raw_step(setup):
-    """Same batch (the loaders' first batch: the same clips) and key: the conditioning of the raw step
-    (encoders in the program) and of the cached step (features from the cache) agree."""
+    """Same clips at every step from a raw and a cached loader; for the same batch and key, the conditioning
+    of the raw step (encoders in the program) and of the cached step (features from the cache) agree."""
     import jax
 
     from storydiff_jax.pipelines.video_components import load_video_components
+    from storydiff_jax.sharding import make_mesh
     from train.config import TrainConfig
     from train.data import make_loader, open_source
     from train.features import open_features
-    from train.step import Trainer, global_batch, make_mesh, split_params
+    from train.step import Trainer, global_batch, split_params
 
-    cfg = TrainConfig(model="tiny-video", data_dir=setup["data"], features=setup["cache"], steps=STEPS, **RUN)
-    comp = load_video_components("tiny-video")
-    trainable, frozen, config = split_params(comp, cfg, smp_from_model=False)
+    cfg = TrainConfig(model=setup["model"], data_dir=setup["data"], features=setup["cache"], steps=STEPS, **RUN)
+    comp = load_video_components(setup["model"])
+    trainable, frozen, config = split_params(comp, cfg, smp_from_model=True)
     trainer = Trainer.build(cfg, config, comp.tokenizer)
     source = open_source(cfg.data_dir)
     cache = open_features(cfg, source)
     cache.check_model(cfg, comp)
-    args = dict(per_host_batch=2, seed=SEED, num_frames=4, resolution=64, tokenizer=comp.tokenizer)
-    raw_local = next(iter(make_loader(source, **args)))
-    cached_local = next(iter(make_loader(cache, **{**args, "prepared": True})))
-    assert raw_local["id"].tolist() == cached_local["id"].tolist()
+    args = dict(per_host_batch=2, seed=SEED, num_frames=4, resolution=16, tokenizer=comp.tokenizer)
+    raw, cached = iter(make_loader(source, **args)), iter(make_loader(cache, prepared=True, **args))
+    batches = [(next(raw), next(cached)) for _ in range(STEPS)]
+    # The same clips at every step (the same seeded shuffle over the same indices: row i is record i).
+    assert [r["id"].tolist() for r, _ in batches] == [c["id"].tolist() for _, c in batches]
+    raw_local, cached_local = batches[0]
     mesh = make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
 
     # The conditioning alone (small programs): cached vs in-step encoders, same key.
@@ -113,51 +118,9 @@ def test_cached_step_equals_raw_step(setup):
     assert max(cond_err) < 1e-5
 
     # The two steps differ only in where `cond` comes from: `loss_and_grads` feeds either conditioning to the
-    # same `loss`, so equal conditioning is an equal step (compiling the raw step too would double this file's
-    # time; tests/test_train.py compiles and checks that one). The cached step gets no encoder weights at all:
+    # same `loss`, so equal conditioning is an equal step (tests/test_train.py trains the cached step,
+    # tests/test_train_multihost.py the raw one). The cached step gets no encoder weights at all:
     assert not set(cache.frozen(frozen)) & {"vae", "image_encoder", "text_encoder"}
-
-
-def test_features_run_trains_and_resumes(setup, capsys):
-    """4 steps, checkpoints every 2; then the newest checkpoint is removed (as if killed after step 2's
-    save) and the same command resumes at step 2 and reaches the same params at step 4."""
-    from storydiff_jax.models.clip_text import load_tokenizer
-    from storydiff_jax.pipelines.components import preset_tokenizer_dir
-    from train.__main__ import main
-    from train.data import make_loader, open_source
-    from train.loop import read_example_log, read_state
-    from train.step import flatten
-
-    work = setup["root"] / "run"
-    args = _smp_args(setup["data"], setup["cache"], work)
-    t0 = time.perf_counter()
-    assert main(args) == 0, capsys.readouterr().err
-    first_s = time.perf_counter() - t0
-    out = capsys.readouterr().out
-    losses = [float(line.split("loss ")[1].split()[0]) for line in out.splitlines() if line.startswith("step ")]
-    assert len(losses) == STEPS and all(np.isfinite(losses))
-    assert sorted(os.listdir(work / "checkpoints"), key=int) == ["2", "4"]
-    run = json.loads((work / "run.json").read_text())
-    assert run["identity"]["features"] == os.path.abspath(setup["cache"])
-    params = {k: np.asarray(v) for k, v in flatten(read_state(str(work), STEPS)["params"]).items()}
-    log = read_example_log(str(work / "examples-p0.log"))
-
-    shutil.rmtree(work / "checkpoints" / str(STEPS))
-    t0 = time.perf_counter()
-    assert main(args) == 0, capsys.readouterr().err
-    resume_s = time.perf_counter() - t0
-    assert f"resumed {work} at step 2" in capsys.readouterr().out
-    again = {k: np.asarray(v) for k, v in flatten(read_state(str(work), STEPS)["params"]).items()}
-    same = [k for k in params if np.array_equal(params[k], again[k])]
-    print(f"--features run: {STEPS} steps in {first_s:.1f}s, losses {np.round(losses, 4).tolist()}; resumed at step "
-          f"2 in {resume_s:.1f}s: {len(same)}/{len(params)} param arrays bit-identical at step {STEPS}")
-    assert len(same) == len(params)
-    assert read_example_log(str(work / "examples-p0.log")) == log
-    # The cached run consumed exactly the clips a raw run with the same seed consumes.
-    tokenizer = load_tokenizer(preset_tokenizer_dir("<|endoftext|>"))   # the tiny-video preset's
-    raw = iter(make_loader(open_source(setup["data"]), per_host_batch=2, seed=SEED, num_frames=4, resolution=64,
-                           tokenizer=tokenizer))
-    assert [ids for _, ids in log] == [next(raw)["id"].tolist() for _ in range(STEPS)]
 
 
 def test_mismatched_cache_is_refused(setup, tmp_path, capsys):
@@ -169,20 +132,21 @@ def test_mismatched_cache_is_refused(setup, tmp_path, capsys):
     manifest = json.loads((tampered / "manifest.json").read_text())
     manifest["model"]["fingerprint"] = "0" * 16
     (tampered / "manifest.json").write_text(json.dumps(manifest))
-    data, cache = setup["data"], setup["cache"]
+    data, cache, model = setup["data"], setup["cache"], setup["model"]
     rerun = "rerun `python -m train cache-features"
     cases = {
-        "frames": (_smp_args(data, cache, tmp_path / "w1", frames=3),
-                   "cached features are for --frames 4 --resolution 64, this run has --frames 3 --resolution 64"),
-        "resolution": (_smp_args(data, cache, tmp_path / "w2", resolution=128),
-                       "this run has --frames 4 --resolution 128"),
-        "dtype": (_smp_args(data, cache, tmp_path / "w3", dtype="bfloat16"),
+        "frames": (_smp_args(data, cache, tmp_path / "w1", model, frames=3),
+                   "cached features are for --frames 4 --resolution 16, this run has --frames 3 --resolution 16"),
+        "resolution": (_smp_args(data, cache, tmp_path / "w2", model, resolution=64),
+                       "this run has --frames 4 --resolution 64"),
+        "dtype": (_smp_args(data, cache, tmp_path / "w3", model, dtype="bfloat16"),
                   "computed in float32, this run has --dtype bfloat16"),
-        "dataset": (_smp_args(other, cache, tmp_path / "w4"), "(8 clips, ids"),
-        "model": (_smp_args(data, tampered, tmp_path / "w5"), "cached features are of model tiny-video (encoders "
-                                                             "0000000000000000), this run's --preset tiny-video has"),
-        "no cache": (_smp_args(data, tmp_path / "nowhere", tmp_path / "w6"), "no such folder"),
-        "not a cache": (_smp_args(data, data, tmp_path / "w7"), "no readable manifest.json"),
+        "dataset": (_smp_args(other, cache, tmp_path / "w4", model), "(8 clips, ids"),
+        "model": (_smp_args(data, tampered, tmp_path / "w5", model),
+                  f"cached features are of model {os.path.abspath(model)} (encoders 0000000000000000), this run's "
+                  f"--model {model} has"),
+        "no cache": (_smp_args(data, tmp_path / "nowhere", tmp_path / "w6", model), "no such folder"),
+        "not a cache": (_smp_args(data, data, tmp_path / "w7", model), "no readable manifest.json"),
     }
     for name, (args, message) in cases.items():
         capsys.readouterr()
@@ -199,13 +163,14 @@ def test_cache_command_is_all_or_nothing(setup, tmp_path, capsys):
     from train.data import write_clip_folder
 
     rng = np.random.default_rng(1)
-    clips = [{"id": f"c{i}", "frames": rng.integers(0, 256, (4 if i < 5 else 2, 64, 64, 3), np.uint8),
+    clips = [{"id": f"c{i}", "frames": rng.integers(0, 256, (4 if i < 5 else 2, 16, 16, 3), np.uint8),
               "caption": "x"} for i in range(6)]   # the last clip is too short: found after a batch is written
     bad = write_clip_folder(str(tmp_path / "bad"), clips)
     capsys.readouterr()
-    assert main(_cache_args(bad, tmp_path / "out")) == 2
+    assert main(_cache_args(bad, tmp_path / "out", setup["model"])) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "clip c5: 2 frames, the run needs 4" in err, err
     assert sorted(os.listdir(tmp_path)) == ["bad"]    # neither the cache nor its staging folder
-    assert main(_cache_args(setup["data"], setup["cache"])) == 2   # exists: refused without --overwrite
+    # An existing cache is refused without --overwrite.
+    assert main(_cache_args(setup["data"], setup["cache"], setup["model"])) == 2
     assert "exists; choose a new folder or pass --overwrite" in capsys.readouterr().err

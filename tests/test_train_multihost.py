@@ -1,15 +1,16 @@
-"""Multi-host training: two local processes (`python -m train smp --distributed`, `jax.distributed.initialize`
-on localhost, CPU collectives through gloo, one fake CPU device each) against one process that reads the
-same global batches (`train(..., emulate_processes=2)`, two fake devices, a checkpoint every step).
+"""Multi-host training of the raw step (the frozen encoders inside it) on the micro model (tests/train_model.py):
+two local processes (`python -m train smp --distributed`, `jax.distributed.initialize` on localhost, CPU
+collectives through gloo, one fake CPU device each) against one process that reads the same global batches
+(`train(..., emulate_processes=2)`, two fake devices, a checkpoint every step).
 
 The two-process run is the preempted one: SIGTERM reaches process 1 only, a step in; both processes must
-save the same step k (JAX's preemption sync point) and exit with 143. Their params at step k, their per-step
-losses and the clips each process fed to each step must equal the one-process run's.
+save the same step k (JAX's preemption sync point) and exit with 143. Restarted, both resume at k and run
+to the end (two steps when k = 2), as a preempted pod job does. Their params, their per-step losses and the
+clips each process fed to each step must equal the one-process run's.
 
-Restarting both hosts from that save (they resume at k and finish) doubles the file's time, because on CPU
-process 1's programs never come from the persistent compilation cache (JAX writes it from process 0 only
-and the compile options name the process): it runs with STORYDIFF_FULL_MULTIHOST=1 (measured: passes,
-436 s on this 2-core machine; the default file: three process starts instead of five).
+On CPU process 1 compiles the train step at each of its starts (JAX writes the persistent compilation cache
+from process 0 only, and a multi-process program's compile options name the process): five compilations of
+the micro model's step in all, three of them side by side.
 """
 
 import json
@@ -23,18 +24,24 @@ import time
 
 import numpy as np
 import pytest
-from conftest import cpu_env
+from train_model import FRAMES, RESOLUTION, model_args, restore_params, write_clips, write_micro_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS, CLIPS, HOSTS = 6, 8, 2
+STEPS, CLIPS, HOSTS = 4, 8, 2
 # save_every = STEPS: the only checkpoint before the end is the preemption's.
-RUN = dict(steps=STEPS, batch_size=2, frames=4, resolution=64, lr=3e-3, warmup=0, schedule="constant",
-           save_every=STEPS, log_every=1, seed=3)
+# remat none: the cheapest step to compile (tests/test_train.py checks the others give the same values).
+RUN = dict(steps=STEPS, batch_size=2, frames=FRAMES, resolution=RESOLUTION, lr=3e-3, warmup=0, schedule="constant",
+           save_every=STEPS, log_every=1, seed=3, remat="none")
 # The reference keeps every step, to be compared at whichever step the preempted hosts saved.
 REF = {**RUN, "save_every": 1, "keep": STEPS}
-FULL = os.environ.get("STORYDIFF_FULL_MULTIHOST") == "1"
-TIMEOUT = 1500   # a cold compilation cache on a busy 2-core machine: ~7 min per program, three at once
+TIMEOUT = 900
 
+
+
+def _env(devices: int) -> dict:
+    from conftest import cpu_env  # here, not at the top: the reference subprocess runs this file without torch
+
+    return cpu_env(devices)
 
 
 def _free_port():
@@ -43,8 +50,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _host_args(data, workdir, port, process):
-    args = [sys.executable, "-m", "train", "smp", "--data-dir", data, "--workdir", workdir, "--preset", "tiny-video",
+def _host_args(data, workdir, model, port, process):
+    args = [sys.executable, "-m", "train", "smp", "--data-dir", data, "--workdir", workdir, *model_args(model),
             "--quiet", "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(HOSTS),
             "--process-id", str(process)]
     for k, v in RUN.items():
@@ -52,10 +59,10 @@ def _host_args(data, workdir, port, process):
     return args
 
 
-def _start_hosts(data, workdir):
+def _start_hosts(data, workdir, model):
     port = _free_port()
-    return [subprocess.Popen(_host_args(data, workdir, port, i), cwd=ROOT, env=cpu_env(1), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True) for i in range(HOSTS)]
+    return [subprocess.Popen(_host_args(data, workdir, model, port, i), cwd=ROOT, env=_env(1),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(HOSTS)]
 
 
 def _finish(procs):
@@ -71,7 +78,7 @@ def _losses(out):
     return {int(s): float(v) for s, v in re.findall(r"^step (\d+): loss ([0-9.]+)", out, re.M)}
 
 
-def reference(data, workdir, out):
+def reference(data, model, workdir, out):
     """One process, two devices, the data read as two processes read it (run as a subprocess)."""
     import jax
 
@@ -79,7 +86,7 @@ def reference(data, workdir, out):
     from train.loop import train
 
     assert jax.device_count() == 2 and jax.process_count() == 1
-    summary = train(TrainConfig(model="tiny-video", data_dir=data, **REF), workdir, progress=False,
+    summary = train(TrainConfig(model=model, data_dir=data, **REF), workdir, progress=False,
                     log=lambda *a: None, emulate_processes=HOSTS)
     with open(out, "w") as f:
         json.dump({"losses": {h["step"]: h["loss"] for h in summary["history"]}, "timings": summary["timings"]}, f)
@@ -87,19 +94,18 @@ def reference(data, workdir, out):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from test_train import write_clips
-
     from train.loop import read_example_log
 
     root = tmp_path_factory.mktemp("multihost")
+    model = write_micro_model(root / "model")
     data = write_clips(root / "clips", n=CLIPS)
     ref, ref_out, work = str(root / "ref"), str(root / "ref.json"), str(root / "hosts")
     t0 = time.perf_counter()
     # The reference runs beside the two hosts (three processes on two cores; the hosts' steps wait on each
     # other's collectives anyway).
-    ref_proc = subprocess.Popen([sys.executable, __file__, data, ref, ref_out], cwd=ROOT, env=cpu_env(2),
+    ref_proc = subprocess.Popen([sys.executable, __file__, data, model, ref, ref_out], cwd=ROOT, env=_env(2),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    procs = _start_hosts(data, work)
+    procs = _start_hosts(data, work, model)
     # SIGTERM to process 1 alone, once it has started its second step.
     log1 = os.path.join(work, "examples-p1.log")
     deadline = time.time() + TIMEOUT
@@ -112,10 +118,8 @@ def run(tmp_path_factory):
         time.sleep(0.05)
     term_rc, term_out = _finish(procs)
     t_term = time.perf_counter() - t0
-    resume_rc = resume_out = None
-    if FULL:   # restart both: they resume at the saved step and run to the end
-        procs = _start_hosts(data, work)
-        resume_rc, resume_out = _finish(procs)
+    # Restart both: they resume at the saved step and run to the end.
+    resume_rc, resume_out = _finish(_start_hosts(data, work, model))
     t_resume = time.perf_counter() - t0 - t_term
     ref_text, _ = ref_proc.communicate(timeout=TIMEOUT)
     assert ref_proc.returncode == 0, ref_text[-4000:]
@@ -146,7 +150,6 @@ def test_sigterm_on_one_host_saves_the_same_step_on_both(run):
     assert names == ["checkpoints", "examples-p0.log", "examples-p1.log", "run.json", "tensorboard"], names
 
 
-@pytest.mark.skipif(not FULL, reason="restarting both hosts doubles the time: STORYDIFF_FULL_MULTIHOST=1 runs it")
 def test_both_hosts_resume_from_the_preemption_save(run):
     saved = run["saved"][0]
     assert sorted(os.listdir(os.path.join(run["work"], "checkpoints"))) == [str(saved), str(STEPS)]
@@ -158,12 +161,10 @@ def test_both_hosts_resume_from_the_preemption_save(run):
 
 
 def test_two_hosts_agree_with_one_process(run):
-    from test_train import _restore_params
-
     from train.loop import read_example_log
 
-    last = STEPS if FULL else run["saved"][0]   # the step the hosts' newest checkpoint holds
-    assert last is not None, run["term"][1][1][-3000:]
+    last = STEPS   # the hosts' newest checkpoint, after the restart
+    assert run["saved"][0] is not None, run["term"][1][1][-3000:]
     # The clips: process i fed shard i of the shuffled clips; together the one-process run's global batches.
     ref_log = read_example_log(os.path.join(run["ref"], "examples-p0.log"))
     logs = [read_example_log(os.path.join(run["work"], f"examples-p{i}.log"))[:last] for i in range(HOSTS)]
@@ -174,8 +175,8 @@ def test_two_hosts_agree_with_one_process(run):
     shards = [sorted({x for _, ids in log for x in ids}) for log in logs]
     assert not set(shards[0]) & set(shards[1])   # disjoint shards, no clip read by both hosts
 
-    # The losses of every step the hosts ran (before the SIGTERM, and after the restart when there is one).
-    host_losses = {**_losses(run["term"][1][0]), **(_losses(run["resume"][1][0]) if FULL else {})}
+    # The losses of every step the hosts ran, before the SIGTERM and after the restart.
+    host_losses = {**_losses(run["term"][1][0]), **_losses(run["resume"][1][0])}
     assert sorted(host_losses) == list(range(1, last + 1))
     ref_losses = run["ref_losses"]
     worst = max(abs(host_losses[s] - ref_losses[s]) for s in host_losses)
@@ -183,14 +184,15 @@ def test_two_hosts_agree_with_one_process(run):
           [(s, host_losses[s], round(ref_losses[s], 5)) for s in sorted(host_losses)])
     assert worst <= 1e-5   # the printed losses have 5 decimals
 
-    a, b = _restore_params(run["ref"], last), _restore_params(run["work"], last)
-    assert a.keys() == b.keys() and len(a) > 100
-    diff = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
-    scale = max(float(np.max(np.abs(a[k]))) for k in a)
-    same = sum(np.array_equal(a[k], b[k]) for k in a)
-    print(f"params at step {last}: {same}/{len(a)} arrays bit-identical; max |diff| {diff:.2e} (max |param| "
-          f"{scale:.2f})")
-    assert diff <= 1e-6 * scale
+    for step in (run["saved"][0], last):   # the preemption's save and the end, after the restart
+        a, b = restore_params(run["ref"], step), restore_params(run["work"], step)
+        assert a.keys() == b.keys() and len(a) > 100
+        diff = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+        scale = max(float(np.max(np.abs(a[k]))) for k in a)
+        same = sum(np.array_equal(a[k], b[k]) for k in a)
+        print(f"params at step {step}: {same}/{len(a)} arrays bit-identical; max |diff| {diff:.2e} (max |param| "
+              f"{scale:.2f})")
+        assert diff <= 1e-6 * scale
 
 
 def test_distributed_option_errors(tmp_path):
@@ -200,7 +202,7 @@ def test_distributed_option_errors(tmp_path):
              (["--process-id", "1"], "--coordinator / --num-processes / --process-id need --distributed")]
     for extra, message in cases:
         proc = subprocess.run([sys.executable, "-m", "train", "smp", "--data-dir", str(tmp_path / "clips"),
-                               "--workdir", str(tmp_path / "w"), *extra], cwd=ROOT, env=cpu_env(1),
+                               "--workdir", str(tmp_path / "w"), *extra], cwd=ROOT, env=_env(1),
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr[-2000:]
     assert os.listdir(tmp_path) == []
@@ -224,4 +226,4 @@ def test_resume_on_another_process_count_is_refused(tmp_path):
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    reference(*sys.argv[1:4])
+    reference(*sys.argv[1:5])

@@ -8,6 +8,9 @@ import sys
 
 from storydiff_jax import compile_cache
 from storydiff_jax.cli import run_command
+from storydiff_jax.nn.remat import REMAT_MODES
+
+from .config import TrainConfig
 
 DESCRIPTION = """\
 Train the transition-video model's Semantic Motion Predictor together with IP-Adapter-Plus's image projection
@@ -55,8 +58,8 @@ def _start_distributed(args) -> None:
 
 def _smp_parser(sub):
     p = sub.add_parser("smp", help="train the SMP (+ image projection, IP layers, motion modules)",
-                       description="Train or resume a run. All settings except --mesh, --save-every, --keep, "
-                                   "--log-every must match when resuming in the same --workdir.")
+                       description="Train or resume a run. All settings except --mesh, --remat, --save-every, "
+                                   "--keep, --log-every must match when resuming in the same --workdir.")
     p.add_argument("--data-dir", required=True, help="clip folder (index.json + clips/*.npz) or WebVid build")
     p.add_argument("--workdir", required=True, help="checkpoints, logs and TensorBoard events of this run")
     p.add_argument("--features", metavar="CACHE_DIR", default="",
@@ -78,13 +81,21 @@ def _smp_parser(sub):
                    help="--freeze motion: keep the motion modules fixed")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype (trained params stay float32)")
-    p.add_argument("--remat", action="store_true", help="recompute U-Net activations in the backward pass")
+    p.add_argument("--remat", choices=REMAT_MODES, nargs="?", const="blocks", default=TrainConfig.remat,
+                   help="activation checkpoints in the U-Net's resnets, transformers and motion modules: none (keep "
+                        "everything: fastest, needs ~2x (256²) to ~5x (512²) the memory of blocks), blocks (default: "
+                        "keep block inputs, matmul and conv outputs; recompute the rest and attention logits in "
+                        "query blocks), full (keep only block inputs). The same values either way; may change when "
+                        "resuming (docs/bench_train.md: what fits which chip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-workers", type=int, default=0,
                    help="grain worker processes that read and decode the clips (JPEG / H.264 builds: see "
                         "bench/input.py for how many a device needs); 0 = grain's threads in this process. Which "
                         "clips a step sees depends on it, so a resumed run keeps it")
     p.add_argument("--mesh", default="data=auto", help="e.g. data=8 or data=2,fsdp=4 (default: all devices on data)")
+    p.add_argument("--fsdp-min-size", type=int, default=TrainConfig.fsdp_min_size, metavar="N",
+                   help="arrays of at least N elements (weights, Adam moments) shard over the mesh's fsdp axis "
+                        "(default 2^18); the rest are replicated")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     p.add_argument("--log-every", type=int, default=10, help="metrics every N steps")
@@ -167,7 +178,6 @@ def _features_parser(sub):
 
 def _cache_features(args) -> int:
     def work():
-        from .config import TrainConfig
         from .features import write_features
 
         compile_cache.enable(args.compile_cache)
@@ -238,7 +248,6 @@ def main(argv=None) -> int:
                            interrupted="export stopped; nothing was written")
 
     def work():
-        from .config import TrainConfig
         from .loop import train
 
         compile_cache.enable(args.compile_cache)
@@ -249,7 +258,7 @@ def main(argv=None) -> int:
                           clip_norm=args.clip_norm, text_drop=args.text_drop, image_drop=args.image_drop,
                           freeze_motion="motion" in args.freeze, dtype=args.dtype, remat=args.remat, seed=args.seed,
                           data_workers=args.data_workers, mesh=args.mesh, save_every=args.save_every, keep=args.keep,
-                          log_every=args.log_every, features=args.features)
+                          log_every=args.log_every, features=args.features, fsdp_min_size=args.fsdp_min_size)
         summary = train(cfg, args.workdir, progress=not args.quiet)
         if summary["preempted"]:
             raise SystemExit(143)   # 128 + SIGTERM: the scheduler sees a preempted, resumable run

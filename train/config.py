@@ -8,13 +8,15 @@ import os
 from dataclasses import dataclass
 
 from storydiff_jax.errors import ConfigError
+from storydiff_jax.nn.remat import REMAT_MODES
 
 RUN_FILE = "run.json"
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("float32", "bfloat16")
 # Settings that may change between a run and its resumption: where it runs and how it reports, never
 # what it computes.
-RESUMABLE_CHANGES = ("mesh", "save_every", "keep", "log_every", "fsdp_min_size")
+# Rematerialisation changes what is kept in memory, not the values (equal to float rounding, like a new mesh).
+RESUMABLE_CHANGES = ("mesh", "remat", "save_every", "keep", "log_every", "fsdp_min_size")
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class TrainConfig:
     image_drop: float = 0.1         # ... and the frames' image tokens -> the unconditional tokens
     freeze_motion: bool = False     # keep AnimateDiff's motion modules fixed
     dtype: str = "float32"          # compute dtype; trainable (master) params stay float32
-    remat: bool = False
+    remat: str = "blocks"           # activation checkpoints in the U-Net's blocks: none | blocks | full
     seed: int = 0
     data_workers: int = 0           # grain processes reading and decoding clips (0: grain's threads, this process)
     mesh: str = "data=auto"
@@ -45,7 +47,7 @@ class TrainConfig:
     fsdp_min_size: int = 1 << 18    # params with at least this many elements shard over `fsdp`
 
     def __post_init__(self):
-        positive = ("steps", "batch_size", "resolution", "save_every", "keep", "log_every")
+        positive = ("steps", "batch_size", "resolution", "save_every", "keep", "log_every", "fsdp_min_size")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive whole number, got "
@@ -58,6 +60,8 @@ class TrainConfig:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"--schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.remat not in REMAT_MODES:
+            raise ConfigError(f"--remat {self.remat!r} is not one of {', '.join(REMAT_MODES)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         for name in ("text_drop", "image_drop"):

@@ -212,8 +212,9 @@ def write_features(cfg: TrainConfig, out: str, *, overwrite: bool = False, progr
     from jax.sharding import PartitionSpec as P
 
     from storydiff_jax.pipelines.video_components import load_video_components, load_video_config
+    from storydiff_jax.sharding import DATA, FSDP, make_mesh, put_sharded
 
-    from .step import Trainer, check_settings, make_mesh, put, split_params
+    from .step import Trainer, check_settings, split_params
 
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ConfigError(f"--shard-size {shard_size!r}: must be a whole number of clips >= 1")
@@ -243,9 +244,9 @@ def write_features(cfg: TrainConfig, out: str, *, overwrite: bool = False, progr
     trainer = Trainer.build(cfg, config, components.tokenizer)
     devices = jax.local_devices()
     per_call = -(-cfg.batch_size // len(devices)) * len(devices)   # every device gets the same share
-    mesh = make_mesh({"data": len(devices), "fsdp": 1}, devices)
+    mesh = make_mesh({DATA: len(devices), FSDP: 1}, devices)
     replicated = NamedSharding(mesh, P())
-    frozen = put(frozen, jax.tree.map(lambda _: replicated, frozen))
+    frozen = put_sharded(frozen, jax.tree.map(lambda _: replicated, frozen))
     # Kept with the trainer's programs: a later cache of the same shapes in this process reuses them.
     encode = trainer.programs.setdefault("encode_features", jax.jit(trainer.encode_features))
     prepare = PrepareClip(cfg.frames, cfg.resolution, components.tokenizer)

@@ -27,6 +27,7 @@ import re
 import signal
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -291,34 +292,69 @@ def claim(workdir: str, cfg: TrainConfig, process: int) -> bool:
     return False
 
 
+@dataclass
+class PreparedRun:
+    """What `prepare` builds and `run_steps` uses: the mesh, the trainer, the state and frozen weights on
+    the devices, the data iterator (at the restored position), the checkpoint manager."""
+    cfg: TrainConfig
+    workdir: str
+    mesh: Any
+    trainer: Any
+    state: dict
+    frozen: dict
+    iterator: Any
+    manager: Any
+    start: int                    # the step the loop starts at (the restored checkpoint's, or 0)
+    timings: dict
+
+
+@dataclass
+class LoopOutcome:
+    step: int                     # the step reached
+    stopped: bool                 # SIGTERM: saved and stopped before cfg.steps
+    last: dict                    # the last reported metrics
+    history: list[dict]
+    flops_per_device: float | None
+    device_kind: str
+
+
 def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, emulate_processes: int = 1) -> dict:
     """Run (or resume) the training run `cfg` in `workdir` up to `cfg.steps`. Returns a summary.
 
     emulate_processes=n (one process only): read the data as an n-process run does (see `EmulatedHosts`),
     so that this run computes exactly what an n-host run computes (the multi-host test's reference).
     """
-    import grain
     import jax
-    import orbax.checkpoint as ocp
-    from jax.sharding import NamedSharding, PartitionSpec
+
+    run = prepare(cfg, workdir, log=log, emulate_processes=emulate_processes)
+    if run.start >= cfg.steps:
+        run.manager.close()
+        log(f"{workdir} is already at step {run.start} of {cfg.steps}; nothing to do")
+        return summary(run, LoopOutcome(run.start, False, {}, [], None, jax.devices()[0].device_kind))
+    outcome = run_steps(run, progress=progress, log=log)
+    if outcome.stopped:
+        log(f"SIGTERM: saved step {outcome.step} in {workdir}; run the same command to resume")
+    return summary(run, outcome)
+
+
+def summary(run: PreparedRun, outcome: LoopOutcome) -> dict:
+    return {"step": outcome.step, "preempted": outcome.stopped, "metrics": outcome.last, "history": outcome.history,
+            "flops_per_step_per_device": outcome.flops_per_device, "device_kind": outcome.device_kind,
+            "timings": run.timings}
+
+
+def prepare(cfg: TrainConfig, workdir: str, *, log=print, emulate_processes: int = 1) -> PreparedRun:
+    """Check the input, claim the workdir, load the model, place state and frozen weights on the mesh, open
+    the data and restore the newest checkpoint when the workdir holds this run."""
+    import jax
 
     from storydiff_jax.pipelines.video_components import PRESETS, load_video_components, load_video_config
+    from storydiff_jax.sharding import make_mesh, parse_mesh, put_sharded
 
     from .data import make_loader, open_source
     from .features import open_features
-    from .step import (
-        Trainer,
-        check_batch,
-        check_settings,
-        global_batch,
-        learning_rate,
-        make_mesh,
-        parse_mesh,
-        put,
-        split_params,
-    )
+    from .step import Trainer, check_batch, check_settings, split_params
 
-    timings = {}
     t0 = time.perf_counter()
     # Everything that can be wrong with the input is checked before the workdir is touched.
     source = open_source(cfg.data_dir, frames=cfg.frames, resolution=cfg.resolution)
@@ -349,7 +385,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, e
     if cache is not None:
         frozen = cache.frozen(frozen)   # the encoders stay off the devices; their constant outputs instead
     state_sh, frozen_sh, _ = trainer.shardings(mesh, state, frozen)
-    frozen = put(frozen, frozen_sh)
+    frozen = put_sharded(frozen, frozen_sh)
     loader_args = dict(per_host_batch=cfg.batch_size // hosts, seed=cfg.seed, num_frames=cfg.frames,
                        resolution=cfg.resolution, tokenizer=components.tokenizer, prepared=cache is not None,
                        workers=cfg.data_workers)
@@ -366,46 +402,49 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, e
         log(f"resumed {workdir} at step {start}")
     else:
         start = 0
-        state = put(state, state_sh)
-    del components, trainable
-    if start >= cfg.steps:
-        manager.close()
-        log(f"{workdir} is already at step {start} of {cfg.steps}; nothing to do")
-        return {"step": start, "preempted": False, "metrics": {}, "history": [], "flops_per_step_per_device": None,
-                "device_kind": jax.devices()[0].device_kind, "timings": timings}
-    timings["load_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+        state = put_sharded(state, state_sh)
+    return PreparedRun(cfg, workdir, mesh, trainer, state, frozen, iterator, manager, start,
+                       {"load_s": time.perf_counter() - t0})
 
-    first = next(iterator)
-    batch = global_batch(first, mesh)
-    scalar = NamedSharding(mesh, PartitionSpec())
-    compiled = trainer.compiled_step(mesh, state, frozen, batch)
-    timings["compile_s"] = time.perf_counter() - t0
-    log(f"model and state ready in {timings['load_s']:.1f}s, step compiled in {timings['compile_s']:.1f}s "
+
+def run_steps(run: PreparedRun, *, progress: bool, log) -> LoopOutcome:
+    """Compile the step, then train from `run.start` to `cfg.steps`: log and report metrics, save every
+    `save_every` steps and at the end, and on SIGTERM save the step reached (on every host the same) and stop."""
+    import grain
+    import jax
+    import orbax.checkpoint as ocp
+    from jax.sharding import NamedSharding, PartitionSpec
+    from tqdm import tqdm
+
+    from .step import global_batch, learning_rate
+
+    cfg, mesh, manager, iterator = run.cfg, run.mesh, run.manager, run.iterator
+    state, frozen = run.state, run.frozen
+    t0 = time.perf_counter()
+    local = next(iterator)
+    compiled = run.trainer.compiled_step(mesh, state, frozen, global_batch(local, mesh))
+    run.timings["compile_s"] = time.perf_counter() - t0
+    log(f"model and state ready in {run.timings['load_s']:.1f}s, step compiled in {run.timings['compile_s']:.1f}s "
         f"({jax.device_count()} devices, mesh {dict(mesh.shape)})")
     device = jax.devices()[0]
     meter = Meter(jax.device_count(), cfg.batch_size, step_flops(compiled), peak_tflops(device.device_kind))
+    scalar = NamedSharding(mesh, PartitionSpec())
 
     writer = None
     if jax.process_index() == 0:
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    examples = ExampleLog(workdir, jax.process_index(), start)
-    from tqdm import tqdm
-
-    bar = tqdm(total=cfg.steps, initial=start, desc="train smp", unit="step", disable=not progress,
+        writer = event_writer(os.path.join(run.workdir, "tensorboard"))
+    examples = ExampleLog(run.workdir, jax.process_index(), run.start)
+    bar = tqdm(total=cfg.steps, initial=run.start, desc="train smp", unit="step", disable=not progress,
                dynamic_ncols=True)
     last: dict = {}
     history: list[dict] = []
-    step = start
+    step = run.start
     stopped = False
 
     def save(step, force=False):
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    data=grain.checkpoint.CheckpointSave(iterator)), force=force)
 
-    local = first
     with Preemption(jax.process_count(), log) as preempt:
         try:
             while step < cfg.steps:
@@ -413,8 +452,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, e
                     local = next(iterator)
                 examples.write(step, local["id"])
                 lr = np.float32(learning_rate(cfg, step))
-                state, metrics = compiled(state, frozen, global_batch(local, mesh),
-                                          jax.device_put(lr, scalar))
+                state, metrics = compiled(state, frozen, global_batch(local, mesh), jax.device_put(lr, scalar))
                 local = None
                 step += 1
                 meter.tick()
@@ -423,17 +461,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, e
                     last = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
                             "lr": float(lr), **meter.report()}
                     history.append({"step": step, **last})
-                    bar.set_postfix_str(f"loss {last['loss']:.4f} lr {last['lr']:.2e} "
-                                        f"{last['steps_per_s']:.2f} step/s")
-                    if writer is not None:
-                        for k, v in last.items():
-                            if v is not None:
-                                writer.add_scalar(f"train/{k}", v, step)
-                    if not progress:
-                        log(f"step {step}: loss {last['loss']:.5f} grad_norm {last['grad_norm']:.4f} lr "
-                            f"{last['lr']:.3e} steps/s {last['steps_per_s']:.3f} examples/s/device "
-                            f"{last['examples_per_s_per_device']:.3f} TFLOP/s/device "
-                            f"{_fmt(last['tflops_per_device'], '.4f')} MFU {_fmt(last['mfu'], '.2%')}")
+                    report(last, step, bar=bar, writer=writer, log=None if progress else log)
                 due = step % cfg.save_every == 0 or step == cfg.steps
                 stop = preempt.reached(step)
                 if due or stop:
@@ -448,8 +476,36 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print, e
                 writer.close()
             manager.wait_until_finished()
             manager.close()
-    if stopped:
-        log(f"SIGTERM: saved step {step} in {workdir}; run the same command to resume")
-    return {"step": step, "preempted": stopped, "metrics": last, "history": history,
-            "flops_per_step_per_device": meter.flops_per_device, "device_kind": device.device_kind,
-            "timings": timings}
+    return LoopOutcome(step, stopped, last, history, meter.flops_per_device, device.device_kind)
+
+
+def event_writer(logdir: str):
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it is installed,
+    only to accept torch tensors (ours are floats), which costs every training process 2.4 s and the memory
+    of torch."""
+    import sys
+
+    block = "torch" not in sys.modules
+    if block:
+        sys.modules["torch"] = None   # makes `import torch` raise ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if block:
+            del sys.modules["torch"]
+    return SummaryWriter(logdir)
+
+
+def report(metrics: dict, step: int, *, bar, writer, log) -> None:
+    """One step's metrics: the progress bar's postfix, TensorBoard (process 0), and a log line when `log`
+    is given (--quiet: no bar)."""
+    bar.set_postfix_str(f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} {metrics['steps_per_s']:.2f} step/s")
+    if writer is not None:
+        for k, v in metrics.items():
+            if v is not None:
+                writer.add_scalar(f"train/{k}", v, step)
+    if log is not None:
+        log(f"step {step}: loss {metrics['loss']:.5f} grad_norm {metrics['grad_norm']:.4f} lr "
+            f"{metrics['lr']:.3e} steps/s {metrics['steps_per_s']:.3f} examples/s/device "
+            f"{metrics['examples_per_s_per_device']:.3f} TFLOP/s/device "
+            f"{_fmt(metrics['tflops_per_device'], '.4f')} MFU {_fmt(metrics['mfu'], '.2%')}")

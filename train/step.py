@@ -43,10 +43,12 @@ from storydiff_jax.images import CLIP_MEAN, CLIP_STD
 from storydiff_jax.models.clip_text import tokenize
 from storydiff_jax.models.smp import SMPConfig, smp_init_params
 from storydiff_jax.models.vae import posterior_latents
+from storydiff_jax.nn.remat import set_remat
 from storydiff_jax.params import path_str
 from storydiff_jax.pipelines.components import component_dtype
 from storydiff_jax.pipelines.video_components import BUILDERS, VideoComponents, VideoPipelineConfig
 from storydiff_jax.schedulers import add_noise
+from storydiff_jax.sharding import DATA, FSDP, batch_sharding, tree_shardings
 
 from .config import TrainConfig
 
@@ -58,7 +60,8 @@ CACHED_BATCH = ("latent_mean", "latent_logvar", "image_feats", "text_states")   
 
 
 def is_trainable(component: str, path: str, freeze_motion: bool) -> bool:
-    """Issue 7's split: SMP and image projection whole; in the U-Net the IP layers and motion modules."""
+    """What training changes: the SMP and the image projection whole; in the U-Net, IP-Adapter's image
+    branch (to_k_ip / to_v_ip) and, unless frozen, the motion modules. Everything else is frozen."""
     if component in ("smp", "image_proj"):
         return True
     if component != "unet":
@@ -159,75 +162,14 @@ def split_params(components: VideoComponents, cfg: TrainConfig, *, smp_from_mode
     return trainable, frozen, config
 
 
-# ----------------------------------------------------------------------------------------------------
-# Shardings
-
-
-def parse_mesh(spec: str, n_devices: int) -> dict[str, int]:
-    """"data=auto" | "data=8" | "data=2,fsdp=4" -> {"data": d, "fsdp": f} with d * f == n_devices."""
-    sizes: dict[str, Any] = {"data": "auto", "fsdp": 1}
-    for part in filter(None, spec.replace(" ", "").split(",")):
-        name, _, value = part.partition("=")
-        if name not in sizes or not value:
-            raise ConfigError(f"--mesh {spec!r}: expected e.g. data=8 or data=2,fsdp=4 (axes: data, fsdp)")
-        if value != "auto":
-            try:
-                sizes[name] = int(value)
-            except ValueError:
-                raise ConfigError(f"--mesh {spec!r}: {name}={value} is not a whole number or auto") from None
-            if sizes[name] < 1:
-                raise ConfigError(f"--mesh {spec!r}: {name} must be >= 1")
-    if sizes["fsdp"] == "auto":
-        raise ConfigError(f"--mesh {spec!r}: give fsdp a size (data may be auto)")
-    if sizes["data"] == "auto":
-        if n_devices % sizes["fsdp"]:
-            raise ConfigError(f"--mesh {spec!r}: fsdp={sizes['fsdp']} does not divide the {n_devices} devices")
-        sizes["data"] = n_devices // sizes["fsdp"]
-    return sizes
-
-
 def check_batch(batch_size: int, sizes: dict[str, int], processes: int = 1) -> None:
-    shards = sizes["data"] * sizes["fsdp"]
+    """The global batch splits evenly over the mesh's batch shards and over the hosts."""
+    shards = sizes[DATA] * sizes[FSDP]
     if batch_size % shards:
-        raise ConfigError(f"--batch-size {batch_size} is not divisible by the data axis (data={sizes['data']} x "
-                          f"fsdp={sizes['fsdp']} = {shards} shards); use a multiple of {shards}")
+        raise ConfigError(f"--batch-size {batch_size} is not divisible by the data axis ({DATA}={sizes[DATA]} x "
+                          f"{FSDP}={sizes[FSDP]} = {shards} shards); use a multiple of {shards}")
     if batch_size % processes:
         raise ConfigError(f"--batch-size {batch_size} is not divisible by the {processes} processes")
-
-
-def make_mesh(sizes: dict[str, int], devices=None) -> Mesh:
-    devices = list(devices if devices is not None else jax.devices())
-    n = sizes["data"] * sizes["fsdp"]
-    if n != len(devices):
-        raise ConfigError(f"--mesh data={sizes['data']},fsdp={sizes['fsdp']} needs {n} devices, there are "
-                          f"{len(devices)}")
-    auto = jax.sharding.AxisType.Auto
-    return jax.make_mesh((sizes["data"], sizes["fsdp"]), ("data", "fsdp"), devices=devices, axis_types=(auto, auto))
-
-
-def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> P:
-    """Large arrays shard their biggest `fsdp`-divisible axis over `fsdp`; the rest are replicated.
-
-    Shape-based, so parameters and their Adam moments get the same layout.
-    """
-    if fsdp <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
-        return P()
-    axes = sorted(range(len(shape)), key=lambda i: -shape[i])
-    for i in axes:
-        if shape[i] % fsdp == 0:
-            spec = [None] * len(shape)
-            spec[i] = "fsdp"
-            return P(*spec)
-    return P()
-
-
-def tree_shardings(tree, mesh: Mesh, min_size: int):
-    fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), fsdp, min_size)), tree)
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(("data", "fsdp")))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -303,10 +245,17 @@ class Trainer:
     def _build(cls, cfg: TrainConfig, config: VideoPipelineConfig, tokenizer) -> Trainer:
         compute = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
         check_settings(cfg, config)
+        # Checkpoints in the U-Net's blocks only: nothing else is differentiated through at any size that
+        # matters (the SMP and the image projection are small; the frozen encoders run before `loss`).
+        remat = {"unet": cfg.remat}
+
+        def build(name, c, dt):
+            return set_remat(BUILDERS[name](c, dtype=dt, rngs=nnx.Rngs(0)), remat.get(name, "none"))
+
         asm = {}
         for name in COMPONENTS:
             c, dt = config.component_config(name), component_dtype(config, name, compute)
-            asm[name] = Assembler(lambda c=c, dt=dt, name=name: BUILDERS[name](c, dtype=dt, rngs=nnx.Rngs(0)))
+            asm[name] = Assembler(lambda name=name, c=c, dt=dt: build(name, c, dt))
         return cls(cfg, config, asm, tokenize(tokenizer, [""])[0], optimizer(cfg))
 
     # -- state --
@@ -320,15 +269,6 @@ class Trainer:
         return jax.eval_shape(lambda: self.init_state(trainable))
 
     # -- the computation --
-
-    def _models(self, trainable: dict, frozen: dict) -> dict[str, nnx.Module]:
-        out = {}
-        for name, asm in self.assemblers.items():
-            flat = dict(frozen[name])
-            if name in trainable:
-                flat.update(flatten(trainable[name]))
-            out[name] = asm.merge(flat)
-        return out
 
     def encoders(self, frozen: dict) -> dict[str, nnx.Module]:
         return {n: self.assemblers[n].merge(frozen[n]) for n in FROZEN_ONLY}
@@ -414,14 +354,9 @@ class Trainer:
         t = jax.random.randint(k_t, (b,), 0, self.config.scheduler.num_train_timesteps)
         noisy = add_noise(self.config.scheduler, latents, noise, t)
 
-        def run_unet(unet_trained, noisy, t, ctx, per_frame):
-            unet = self.assemblers["unet"].merge({**unet_frozen, **unet_trained})
-            return unet(noisy.astype(unet.dtype), t, ctx, image_tokens=per_frame)
-
-        if self.cfg.remat:
-            # Recompute the U-Net's activations in the backward pass, keeping only matmul results.
-            run_unet = jax.checkpoint(run_unet, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-        pred = run_unet(unet_trained, noisy, t, ctx, per_frame)
+        # The U-Net's blocks carry the run's rematerialisation policy (`Trainer._build`, nn/remat.py).
+        unet = self.assemblers["unet"].merge({**unet_frozen, **unet_trained})
+        pred = unet(noisy.astype(unet.dtype), t, ctx, image_tokens=per_frame)
         return jnp.mean(jnp.square(pred.astype(jnp.float32) - noise))
 
     def loss_and_grads(self, state: dict, frozen: dict, batch: dict):
@@ -480,10 +415,6 @@ _TRAINERS: dict = {}
 
 def program_settings(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, **_OUTSIDE_PROGRAM)
-
-
-def put(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:

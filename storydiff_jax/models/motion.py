@@ -35,6 +35,7 @@ from ..errors import ConfigError
 from ..nn.attention import Attention
 from ..nn.layers import Linear
 from ..nn.norms import GroupNorm, LayerNorm
+from ..nn.remat import rematerialisable
 from ..nn.transformer import FeedForward
 
 
@@ -151,6 +152,7 @@ class MotionModule(nnx.Module):
                  rngs: nnx.Rngs | None = None):
         self.temporal_transformer = TemporalTransformer3D(channels, cfg, dtype=dtype, rngs=rngs)
 
+    @rematerialisable
     def __call__(self, x: jax.Array, num_frames: int, *, backend: str = "auto") -> jax.Array:
         """x: [B*F, H, W, C], frame-major within each video -> same shape."""
         return self.temporal_transformer(x, num_frames, backend=backend)

@@ -26,22 +26,41 @@ def _backend_for(q: jax.Array, backend: str) -> str:
     return "xla"
 
 
-def dot_product_attention(q, k, v, mask=None, *, backend: str = "auto") -> jax.Array:
+def dot_product_attention(q, k, v, mask=None, *, backend: str = "auto", logits_budget: int | None = None
+                          ) -> jax.Array:
     """Scaled dot-product attention on [batch, tokens, heads, head_dim] arrays.
 
     mask: optional boolean array broadcastable to [batch, heads, q_tokens, kv_tokens]; True = attend.
     Scale is head_dim ** -0.5 as in every reference network here. Softmax runs in float32 on the XLA
     path so half-precision inputs do not overflow.
+    logits_budget: on the XLA path, the most float32 logits one piece of the computation may hold (None:
+    no limit). Larger problems go through in query blocks that fit, each block a checkpoint: its logits
+    and probabilities are recomputed in the backward pass instead of kept (training's `--remat`: at 512²
+    one SD1.5 self-attention over 16 frames would otherwise hold 8 GiB of logits). Every query row's
+    softmax still sees all keys, so the values are those of the one-piece computation.
     """
     impl = _backend_for(q, backend)
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+    def attend(q, mask):
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+    b, lq, h, _ = q.shape
+    per_query = b * h * k.shape[1]
+    if logits_budget is None or lq * per_query <= logits_budget or (mask is not None and mask.shape[-2] != 1):
+        return attend(q, mask)
+    block = max(1, logits_budget // per_query)
+    n_blocks = -(-lq // block)
+    qp = jnp.pad(q, ((0, 0), (0, n_blocks * block - lq), (0, 0), (0, 0)))
+    blocks = jnp.moveaxis(qp.reshape(b, n_blocks, block, *q.shape[2:]), 1, 0)
+    out = jax.lax.map(jax.checkpoint(lambda qb: attend(qb, mask)), blocks)
+    return jnp.moveaxis(out, 0, 1).reshape(b, n_blocks * block, *out.shape[3:])[:, :lq]
 
 
 # Logit elements (float32) one query block of the XLA path may hold: 2**26 = 256 MiB. Queries are
@@ -101,8 +120,11 @@ def attention_with_lengths(q, k, v, kv_lengths, *, backend: str = "auto", logits
 class Attention(nnx.Module):
     """diffusers-style attention: to_q/to_k/to_v projections, heads, to_out.0 output projection.
 
-    Self-attention when `context` is None, cross-attention otherwise.
+    Self-attention when `context` is None, cross-attention otherwise. `logits_budget` (None unless
+    `nn.remat.set_remat` sets it for training) bounds the logits held at once (`dot_product_attention`).
     """
+
+    logits_budget = None
 
     def __init__(self, query_dim: int, heads: int, dim_head: int, *, cross_attention_dim: int | None = None,
                  qkv_bias: bool = False, out_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -125,7 +147,7 @@ class Attention(nnx.Module):
         q = self.split_heads(self.to_q(x))
         k = self.split_heads(self.to_k(kv_source))
         v = self.split_heads(self.to_v(kv_source))
-        out = dot_product_attention(q, k, v, mask, backend=backend)
+        out = dot_product_attention(q, k, v, mask, backend=backend, logits_budget=self.logits_budget)
         return self.to_out[0](out.reshape(*out.shape[:-2], -1))
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, *, backend: str = "auto") -> jax.Array:

@@ -8,6 +8,7 @@ from flax import nnx
 
 from .layers import Conv, Linear
 from .norms import GroupNorm
+from .remat import rematerialisable
 
 
 def conv(in_ch: int, out_ch: int, kernel: int = 3, *, stride: int = 1, padding=None, dtype=jnp.float32,
@@ -35,6 +36,7 @@ class ResnetBlock2D(nnx.Module):
         self.conv2 = conv(out_ch, out_ch, dtype=dtype, rngs=rngs)
         self.conv_shortcut = conv(in_ch, out_ch, 1, dtype=dtype, rngs=rngs) if in_ch != out_ch else None
 
+    @rematerialisable
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
         h = self.conv1(jax.nn.silu(self.norm1(x)))
         if self.time_emb_proj is not None and temb is not None:

@@ -16,6 +16,7 @@ from flax import nnx
 from .attention import Attention, DecoupledCrossAttention
 from .layers import Conv, Linear
 from .norms import GroupNorm, LayerNorm
+from .remat import rematerialisable
 
 SelfAttentionHook = Callable[[Attention, jax.Array], jax.Array]
 
@@ -94,6 +95,7 @@ class Transformer2D(nnx.Module):
                                   rngs=rngs)
             for _ in range(depth)])
 
+    @rematerialisable
     def __call__(self, x: jax.Array, context: jax.Array, self_attention: SelfAttentionHook | None = None,
                  image: ImageContext | None = None) -> jax.Array:
         b, h, w, c = x.shape
