@@ -3,8 +3,8 @@
 #
 #   bash bench/run_gpu.sh            # all of them (story, transition, parity, convert, train)
 #   bash bench/run_gpu.sh story      # one of: story | story-bank | story-window | story-torch | story-scaling
-#                                    #         | transition | parity | parity-video | csa | controlnet | convert
-#                                    #         | train
+#                                    #         | story-ref | transition | parity | parity-video | csa | controlnet
+#                                    #         | convert | train
 #
 # `story` runs the three story modes and the window scaling, then writes the table. The story-* steps run
 # one part each (handy under a per-command time limit) and keep their result in out/bench/story/; a
@@ -22,6 +22,10 @@ STORY_ARGS=(--preset sdxl --height 768 --width 768 --steps 35 --panels 8 --id-le
 story()         { "$PY" bench/story.py "${STORY_ARGS[@]}" --window-scaling --out docs/bench_story.md; }
 story_part()    { "$PY" bench/story.py "${STORY_ARGS[@]}" --modes "$1"; }
 story_scaling() { "$PY" bench/story.py "${STORY_ARGS[@]}" --modes "" --window-scaling; }
+# A 4-panel story (2 characters) with reference photos (PhotoMaker v1) vs the same story text only, bank mode;
+# plus its compile-only FLOPs. Target: photo / text <= 1.10 per story.
+story_ref()     { "$PY" bench/story.py --preset sdxl --height 768 --width 768 --steps 35 --panels 4 --id-length 1 \
+                      --characters 2 --ref --results out/bench/story-ref --reuse --out docs/bench_story.md; }
 # One transition video (video preset, 512x512, 16 frames, 25 steps), ours vs diffusers AnimateDiffPipeline.
 transition()    { "$PY" bench/transition.py --preset video --height 512 --width 512 --frames 16 --steps 25 \
                       --out docs/bench_transition.md; }
@@ -52,6 +56,7 @@ case "${1:-all}" in
   story-window) story_part window ;;
   story-torch) story_part torch ;;
   story-scaling) story_scaling ;;
+  story-ref) story_ref ;;
   transition) transition ;;
   parity) parity ;;
   parity-video) parity_video ;;
@@ -59,7 +64,7 @@ case "${1:-all}" in
   controlnet) controlnet ;;
   convert) convert ;;
   train) train ;;
-  all) story; transition; parity; convert; train ;;
-  *) echo "usage: bash bench/run_gpu.sh [all|story|story-bank|story-window|story-torch|story-scaling|transition|parity|parity-video|csa|controlnet|convert|train]" >&2
+  all) story; story_ref; transition; parity; convert; train ;;
+  *) echo "usage: bash bench/run_gpu.sh [all|story|story-bank|story-window|story-torch|story-scaling|story-ref|transition|parity|parity-video|csa|controlnet|convert|train]" >&2
      exit 2 ;;
 esac

@@ -31,6 +31,12 @@ The torch/ours memory ratio compares like with like: device allocator peaks on G
 --window-scaling: the window program's compiled temporary bytes (`jax.jit(...).lower(...).compile()
 .memory_analysis()`, as tests/test_window.py) for 8 and 64 panels (--scaling-panels), same sizes.
 
+--ref (issue 16): the same story with reference photos (PhotoMaker v1, random weights written as a converted
+folder, one random photo per character) in bank mode next to the text-only bank run: time per story and the
+photo / text ratio; and, compile only on abstract weights (runs on CPU at SDXL size), the story's FLOPs with
+and without the identity path (ID encoder once per photo, the fused text encoding once per prompt, the U-Net
+calls the same) and their ratio. Target: the identity path adds at most 10% per story at SDXL size.
+
 --results DIR keeps each mode's result as JSON; with --reuse a later run with the same settings takes the
 stored result instead of running the mode again (to split one measurement over several shorter commands).
 --out FILE appends the table, the command line and the machine to FILE (markdown).
@@ -70,6 +76,7 @@ for p in (str(ROOT), str(ROOT / "tests")):
         sys.path.insert(0, p)
 
 MODES = ("bank", "window", "torch")
+REF_MODES = ("photo", "ref-flops")           # --ref: photo mode next to bank mode, and the compile-only FLOPs
 NAMES = ["Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana"]
 LOOKS = ["a young woman with short red hair and a green raincoat", "an old man with a white beard and a blue cap",
          "a girl with black braids and a yellow dress", "a tall man in a grey suit with round glasses",
@@ -85,11 +92,21 @@ ACTIONS = ["stands on a windy pier", "reads a letter by the window", "walks thro
 # The story
 # --------------------------------------------------------------------------------------------------
 
-def synthetic_story(characters: int, id_length: int, panels: int) -> str:
+CLASS_WORDS = ("woman", "man", "girl", "boy", "cat", "terrier")
+
+
+def with_trigger(look: str, trigger: str = "img") -> str:
+    """A look in photo mode: its class word followed by the trigger ("a young woman img with ...")."""
+    words = look.split()
+    k = next(i for i, w in enumerate(words) if w in CLASS_WORDS)
+    return " ".join(words[:k + 1] + [trigger] + words[k + 1:])
+
+
+def synthetic_story(characters: int, id_length: int, panels: int, photos: bool = False) -> str:
     """A story script: each character's `id_length` solo panels first, then read panels up to `panels`.
 
     Read panels cycle through the characters; with two or more characters every third read panel shows
-    two of them (reads two banks).
+    two of them (reads two banks). photos: descriptions carry PhotoMaker's trigger word after the class word.
     """
     if characters < 1:
         raise SystemExit("error: --characters must be >= 1")
@@ -97,7 +114,8 @@ def synthetic_story(characters: int, id_length: int, panels: int) -> str:
         raise SystemExit(f"error: --panels {panels} leaves no read panel after {characters} x {id_length} id panels; "
                          f"use --panels >= {characters * id_length + 1}")
     names = [NAMES[i] if i < len(NAMES) else f"Char{i}" for i in range(characters)]
-    lines = [f"[{n}] {LOOKS[i % len(LOOKS)]}" for i, n in enumerate(names)] + [""]
+    looks = [LOOKS[i % len(LOOKS)] for i in range(characters)]
+    lines = [f"[{n}] {with_trigger(look) if photos else look}" for n, look in zip(names, looks)] + [""]
     k = 0
     for n in names:
         for _ in range(id_length):
@@ -133,6 +151,8 @@ def _settings_key(args, mode: str) -> str:
                                             "characters", "window", "chunk", "read_batch", "dtype", "seed", "repeat",
                                             "bank_offload")}
     fields["mode"] = mode
+    if mode in REF_MODES:
+        fields["ref"] = True
     if mode == "torch":
         fields["torch_threads"] = args.torch_threads
     if mode == "scaling":
@@ -225,6 +245,55 @@ def window_scaling(pipe, options, story, panel_counts) -> dict:
     return out
 
 
+def random_photomaker(folder: str, preset: str, unet_kernels: dict) -> str:
+    """A converted PhotoMaker v1 folder with random weights (full size, or tiny for tiny presets) and a LoRA in
+    PhotoMaker's layout on the first up block's attention; returns the folder."""
+    import numpy as np
+    from flax import nnx
+    from safetensors.numpy import save_file
+
+    from storydiff_jax.checkpoints import PipelineWriter
+    from storydiff_jax.models.photomaker import PRESETS as PM_PRESETS
+    from storydiff_jax.models.photomaker import PhotoMakerIDEncoder
+    from storydiff_jax.params import module_params
+
+    config = PM_PRESETS["tiny-v1" if preset.startswith("tiny-") else "v1"]
+    params = {k: np.asarray(v) for k, v in module_params(PhotoMakerIDEncoder(config, rngs=nnx.Rngs(0))).items()}
+    rng = np.random.default_rng(0)
+    lora = {}
+    for proj in ("to_q", "to_k", "to_v"):
+        base = f"up_blocks.0.attentions.0.transformer_blocks.0.attn1.{proj}"
+        n_in, n_out = unet_kernels[f"{base}.kernel"]
+        key = f"unet.up_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.{proj}_lora"
+        lora[f"{key}.down.weight"] = (rng.standard_normal((4, n_in)) * 0.01).astype(np.float32)
+        lora[f"{key}.up.weight"] = (rng.standard_normal((n_out, 4)) * 0.01).astype(np.float32)
+    with PipelineWriter(folder) as writer:
+        writer.write_params("id_encoder", params)
+        writer.write_json("id_encoder/config.json", config.to_dict())
+        save_file(lora, writer.path("lora_weights.safetensors"))
+        return writer.commit({"arch": "photomaker", "components": ["id_encoder"], "photomaker_version": 1,
+                              "lora": "lora_weights.safetensors", "trigger_word": "img", "dtype": "float32"})
+
+
+def reference_inputs(pipe, args, folder: Path) -> dict:
+    """Photo mode's StoryOptions fields for the synthetic story: a random PhotoMaker and one photo per character."""
+    import numpy as np
+    from PIL import Image
+
+    from storydiff_jax.lora import kernel_shapes
+    from storydiff_jax.params import module_params
+
+    pm = random_photomaker(str(folder / "photomaker"), args.preset, kernel_shapes(module_params(pipe.components.unet)))
+    rng = np.random.default_rng(args.seed)
+    refs = []
+    for i in range(args.characters):
+        name = NAMES[i] if i < len(NAMES) else f"Char{i}"
+        path = folder / f"{name}.png"
+        Image.fromarray(rng.integers(0, 256, (256, 256, 3), np.uint8)).save(path)
+        refs.append(f"{name}={path}")
+    return {"photomaker": pm, "refs": tuple(refs)}
+
+
 def jax_worker(args, mode: str) -> dict:
     import jax
     import jax.numpy as jnp
@@ -243,11 +312,12 @@ def jax_worker(args, mode: str) -> dict:
     original = pipe._program
     pipe._program = lambda builder, *args: _Recorder(original(builder, *args), recorded,
                                                      program_name(builder.__name__))
-    text = synthetic_story(args.characters, args.id_length, args.panels)
+    photos = mode == "photo"           # --ref: bank mode with reference photos
+    text = synthetic_story(args.characters, args.id_length, args.panels, photos=photos)
+    refs = reference_inputs(pipe, args, Path(tempfile.mkdtemp(prefix="bench-story-ref-"))) if photos else {}
     options = StoryOptions(steps=args.steps, height=args.height, width=args.width, seed=args.seed,
-                           id_length=args.id_length, mode=mode, window=args.window, chunk=args.chunk,
-                           read_batch=args.read_batch,
-                           bank_offload=args.bank_offload)
+                           id_length=args.id_length, mode="bank" if photos else mode, window=args.window,
+                           chunk=args.chunk, read_batch=args.read_batch, bank_offload=args.bank_offload, **refs)
     story = parse_story(text, id_length=args.id_length)
     analysis = not gpu or args.analysis
     runs, infos = [], []
@@ -299,6 +369,62 @@ def scaling_worker(args) -> dict:
             "dtype": dtype, "scaling": window_scaling(pipe, options, story, args.scaling_panels)}
 
 
+def ref_flops_worker(args) -> dict:
+    """--ref, compile only: the story's FLOPs with and without the identity path, on abstract weights.
+
+    Each program is lowered from shapes (`lowered.cost_analysis()["flops"]`): one U-Net call (2 CFG rows), the
+    SDXL text encoding of one prompt, the fused encoding of one prompt (both text encoders + the fuse MLPs), the
+    ID encoder on one photo. Per story: U-Net rows x steps as the bank mode calls them (id panels per character
+    in one batch, read panels in batches of --read-batch), the text encoding of every prompt and negative; photo
+    mode adds the ID encoder once per photo and the fused encoding once per prompt (its U-Net calls are the same
+    programs with one more select per step). The VAE decode is left out of both (it only lowers the ratio)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from storydiff_jax.models.photomaker import PRESETS as PM_PRESETS
+    from storydiff_jax.models.photomaker import PhotoMakerIDEncoder
+    from storydiff_jax.pipelines import StoryPipeline
+    from storydiff_jax.pipelines.components import load_components
+    from storydiff_jax.pipelines.identity import IdentityEncoder, PhotoMaker
+    from storydiff_jax.story import parse_story
+
+    dtype = jnp.bfloat16 if args.dtype == "auto" else getattr(jnp, args.dtype)   # auto: as on an accelerator
+    comps = load_components(args.preset, dtype=dtype, abstract=True)
+    cfg = comps.config
+    pipe = StoryPipeline(comps, devices=jax.devices()[:1])
+    spec = jax.ShapeDtypeStruct
+
+    def flops(fn, *a):
+        return float(jax.jit(fn).lower(*a).cost_analysis()["flops"])
+
+    h, w = args.height // cfg.vae.downscale, args.width // cfg.vae.downscale
+    unet = lambda state, x, t, ctx, pooled, ids: nnx.merge(pipe._unet_graph, state)(  # noqa: E731
+        x, t, ctx, text_embeds=pooled, time_ids=ids)
+    unet_row = flops(unet, pipe._unet_state, spec((2, h, w, cfg.unet.in_channels), dtype), spec((), jnp.int32),
+                     spec((2, 77, cfg.unet.cross_attention_dim), dtype), spec((2, cfg.unet.text_embeds_dim), dtype),
+                     spec((1, 6), jnp.float32)) / 2
+    ids = spec((1, 77), jnp.int32)
+    text_prompt = flops(pipe._encode_sdxl, pipe._te_state, pipe._te2_state, ids, ids, spec((1,), jnp.bool_))
+    pm_config = PM_PRESETS["tiny-v1" if args.preset.startswith("tiny-") else "v1"]
+    module = nnx.eval_shape(lambda: PhotoMakerIDEncoder(pm_config, dtype=dtype, rngs=nnx.Rngs(0)))
+    encoder = IdentityEncoder(comps, PhotoMaker(module, pm_config, "", "img", "abstract"))
+    size = pm_config.vision.image_size
+    photo = flops(encoder._tokens_program, encoder._pm[1], spec((1, size, size, 3), jnp.float32), None)
+    fused_prompt = flops(encoder._encode_program, encoder._te[1], encoder._te2[1], encoder._pm[1], ids, ids, ids,
+                         spec((1, 77, pm_config.embed_dim), jnp.float32))
+    story = parse_story(synthetic_story(args.characters, args.id_length, args.panels), id_length=args.id_length)
+    n, chars = len(story.panels), len(story.id_panels)
+    reads = n - sum(len(v) for v in story.id_panels.values())
+    rows = 2 * args.steps * (chars * args.id_length + -(-reads // args.read_batch) * args.read_batch)
+    text_total = rows * unet_row + 2 * n * text_prompt
+    identity = args.characters * photo + n * fused_prompt
+    return {"mode": "ref-flops", "framework": "jax", "backend": "abstract", "device": "compile only",
+            "dtype": jnp.dtype(dtype).name, "unet_row": unet_row, "text_prompt": text_prompt, "photo": photo,
+            "fused_prompt": fused_prompt, "unet_rows": rows, "text_story": text_total, "identity": identity,
+            "ratio": (text_total + identity) / text_total}
+
+
 def torch_worker(args) -> dict:
     import numpy as np
     import torch
@@ -348,7 +474,7 @@ def torch_worker(args) -> dict:
 
 
 def run_worker(args) -> int:
-    workers = {"torch": torch_worker, "scaling": scaling_worker}
+    workers = {"torch": torch_worker, "scaling": scaling_worker, "ref-flops": ref_flops_worker}
     work = (lambda: workers[args.worker](args)) if args.worker in workers else (lambda: jax_worker(args, args.worker))
     return write_worker_result("mode", args.worker, work, args.result)
 
@@ -376,7 +502,7 @@ def table(args, results: dict) -> str:
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for mode in args.modes:
         r = results.get(mode)
-        if r is None:
+        if r is None or mode in REF_MODES:        # reported by ref_table
             continue
         label = {"bank": "ours, bank", "window": f"ours, window (G={args.window})",
                  "torch": "PyTorch reference (diffusers, official-style)"}[mode]
@@ -420,6 +546,33 @@ def scaling_table(results: dict) -> str | None:
     return "\n".join(lines)
 
 
+def ref_table(results: dict) -> str | None:
+    """--ref: photo mode vs text-only bank mode, time per story and compiled FLOPs per story."""
+    photo, text, fl = results.get("photo"), results.get("bank"), results.get("ref-flops")
+    if not photo and not fl:
+        return None
+    lines = ["Reference photos (`--ref`): the same story in photo mode (PhotoMaker v1, one photo per character) vs "
+             "text only, bank mode. Target: photo / text <= 1.10 per story at SDXL size.", "",
+             "| measure | text only | photo mode | photo / text |", "|---|---|---|---|"]
+    if photo and text and "error" not in photo and "error" not in text:
+        lines.append(f"| time per story ({photo.get('backend')}) | {fmt_s(text['story_s'])} | "
+                     f"{fmt_s(photo['story_s'])} | **{photo['story_s'] / text['story_s']:.3f}** |")
+        lines.append(f"| first run (compile + run) | {fmt_s(text['first_s'])} | {fmt_s(photo['first_s'])} | "
+                     f"{photo['first_s'] / text['first_s']:.2f} |")
+    elif photo and "error" in photo:
+        lines.append(f"| time per story | | failed: {photo['error']} | |")
+    if fl and "error" not in fl:
+        g = 1e9
+        lines.append(f"| compiled FLOPs per story ({fl['dtype']}, abstract weights) | {fl['text_story'] / g:,.0f} G | "
+                     f"{(fl['text_story'] + fl['identity']) / g:,.0f} G | **{fl['ratio']:.4f}** |")
+        lines += ["", f"FLOPs per unit: U-Net row {fl['unet_row'] / g:,.1f} G (x {fl['unet_rows']} rows per story), "
+                  f"text encoding {fl['text_prompt'] / g:,.2f} G per prompt, fused encoding "
+                  f"{fl['fused_prompt'] / g:,.2f} G per prompt, ID encoder {fl['photo'] / g:,.2f} G per photo."]
+    elif fl:
+        lines.append(f"| compiled FLOPs | | failed: {fl['error']} | |")
+    return "\n".join(lines)
+
+
 def report(args, argv, results: dict) -> str:
     ok = [r for r in results.values() if "error" not in r]
     gpu = any(r.get("backend") == "gpu" for r in ok)
@@ -442,8 +595,8 @@ def report(args, argv, results: dict) -> str:
         out += [f"(Results of {which} taken from earlier runs with the same settings, kept in {', '.join(reused)}.)",
                 ""]
     out += [f"Machine: {machine()}; " + "; ".join(devices), ""]
-    out.append(table(args, results))
-    out.append("")
+    if any(m in results for m in MODES):
+        out += [table(args, results), ""]
     tr = results.get("torch", {})
     if "error" not in tr and tr:
         out.append(f"Reference: torch {tr.get('torch')}, {tr.get('dtype')}, {tr.get('threads')} CPU thread(s); "
@@ -452,8 +605,9 @@ def report(args, argv, results: dict) -> str:
                    "typesetting).")
     memory = ("device allocator peaks (JAX peak_bytes_in_use vs torch max_memory_allocated)" if gpu
               else "peak RSS of each mode process (the compiled-program column is informative only)")
-    out.append("Ratios: > 1 means ours is faster / smaller. Target: time ratio >= 2 and memory ratio >= 2 "
-               f"(GPU, sdxl 768x768, 35 steps, 8 panels, id length 4). Memory ratio: {memory}.")
+    if any(m in results for m in MODES):
+        out.append("Ratios: > 1 means ours is faster / smaller. Target: time ratio >= 2 and memory ratio >= 2 "
+                   f"(GPU, sdxl 768x768, 35 steps, 8 panels, id length 4). Memory ratio: {memory}.")
     for mode in ("bank", "window"):
         comp = results.get(mode, {}).get("compiled")
         if comp:
@@ -462,6 +616,9 @@ def report(args, argv, results: dict) -> str:
     sc = scaling_table(results)
     if sc:
         out += ["", sc]
+    rt = ref_table(results)
+    if rt:
+        out += ["", rt]
     bad = [r for r in ok if r.get("pixels", {}).get("std", 1.0) == 0.0 or r.get("pixels", {}).get("mean") != r.get(
         "pixels", {}).get("mean")]
     if bad:
@@ -481,7 +638,8 @@ def parse_args(argv=None):
     p.add_argument("--panels", type=int, default=8, help="panels of the story (id panels included)")
     p.add_argument("--id-length", type=int, default=4, help="id panels per character")
     p.add_argument("--characters", type=int, default=1)
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of bank,window,torch")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of bank,window,torch (and of "
+                   "photo,ref-flops: the two halves of --ref, e.g. --modes ref-flops alone on a CPU at SDXL size)")
     p.add_argument("--window", type=int, default=4, help="window mode: panels per sliding window")
     p.add_argument("--chunk", type=int, default=None, help="window mode: panels per chunk (default: all; the "
                    "scaling measurement uses 8)")
@@ -494,6 +652,8 @@ def parse_args(argv=None):
     p.add_argument("--torch-threads", type=int, default=0,
                    help="torch.set_num_threads for the reference (0: torch's default). On a shared, busy CPU, "
                    "OpenMP's spin-waiting can make multi-threaded torch many times slower: try 1")
+    p.add_argument("--ref", action="store_true", help="also run the story with reference photos (PhotoMaker, bank "
+                   "mode) and the compile-only FLOPs of the identity path; reported against the bank mode")
     p.add_argument("--window-scaling", action="store_true",
                    help="also report the window program's compiled temp bytes for --scaling-panels")
     p.add_argument("--scaling-panels", default="8,64", type=lambda s: [int(x) for x in s.split(",")])
@@ -508,9 +668,9 @@ def parse_args(argv=None):
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if args.repeat < 1:
         p.error("--repeat must be >= 1 (the first run includes compilation)")
-    bad = [m for m in args.modes if m not in MODES]
+    bad = [m for m in args.modes if m not in MODES + REF_MODES]
     if bad:
-        p.error(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
+        p.error(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES + REF_MODES)}")
     return args
 
 
@@ -528,6 +688,9 @@ def main(argv=None) -> int:
     results_dir = args.results or Path(tempfile.mkdtemp(prefix="bench-story-"))
     results_dir.mkdir(parents=True, exist_ok=True)
     results = {}
+    if args.ref:       # photo mode, its text-only side (bank) and the compile-only FLOPs
+        modes = (["bank"] if "bank" not in modes else []) + modes + [m for m in REF_MODES if m not in modes]
+        args.modes = modes
     for mode in modes + (["scaling"] if args.window_scaling else []):
         results[mode] = spawn(__file__, argv, "mode", mode, results_dir / f"{_settings_key(args, mode)}.json",
                               reuse=args.reuse, torch_side=mode == "torch")

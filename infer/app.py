@@ -8,6 +8,12 @@ defaults, same checks, same one-line errors, same run folders), one at a time pe
 holds the others and shows them their place in line. Everything the app writes, Gradio's upload cache
 included, lands under --out; it never opens a path typed into the page. The settings inputs are generated
 from the StoryOptions / TransitionOptions declarations (`option_inputs`) and reach a handler as one dict.
+
+Your own characters: with `--photomaker DIR` the story tab has REF_SLOTS upload slots, each a character's name
+and its photos (they become the CLI's `--ref NAME=...`, copied under --out first), and the style strength; a
+story run with photos is in photo mode, one without stays in text mode.
+LoRAs: `--lora FILE[:SCALE]` at start applies to every story; LoRA files uploaded in the form add to them for
+that run (merged once and kept while the next run asks for the same files).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_IMAGE_SIDE = 4096          # an upload larger than this is refused before it is decoded (decompression bombs)
 DEVICE_QUEUE = "device"        # one concurrency group for every generating event: one run at a time per device
 AUTO = "auto"                  # id length left to the CLI (4, or the most the story allows)
+REF_SLOTS = 4                  # upload slots for characters' reference photos (photo mode)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default: "
                    "anyone with the link can use your machine)")
     p.add_argument("--max-upload-mb", type=float, default=50.0, help="largest accepted upload (default: 50)")
+    ids = p.add_argument_group("your own characters and LoRAs (see `python -m infer.story --help`)")
+    ids.add_argument("--photomaker", metavar="DIR", help="photo mode: a folder from `python -m convert photomaker`; "
+                     f"the story tab gets {REF_SLOTS} upload slots for characters' reference photos")
+    ids.add_argument("--face-model", metavar="DIR", help="PhotoMaker v2: insightface's buffalo_l ONNX models "
+                     "(det_10g.onnx, w600k_r50.onnx), run on the uploaded photos")
+    ids.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA merged into the "
+                     "story model for every story (repeatable; scale default 1); the form can add uploaded ones")
     add_dtype_argument(p)
     compile_cache.add_argument(p)
     return p
@@ -154,6 +168,39 @@ def form_values(values: dict) -> dict:
     return {name: None if value == AUTO else value for name, value in values.items()}
 
 
+def reference_slots() -> dict:
+    """REF_SLOTS rows of (character name, its photos): inputs `ref_name_K` / `ref_photos_K` (also API names)."""
+    import gradio as gr
+
+    inputs = {}
+    for k in range(1, REF_SLOTS + 1):
+        with gr.Row():
+            inputs[f"ref_name_{k}"] = gr.Textbox(label=f"character {k}", placeholder="Ana", scale=1,
+                                                 elem_id=f"ref-name-{k}")
+            inputs[f"ref_photos_{k}"] = gr.File(label="its photos", file_count="multiple", file_types=["image"],
+                                                type="filepath", scale=2, elem_id=f"ref-photos-{k}")
+    return inputs
+
+
+def slot_photos(values: dict) -> dict[str, list[str]]:
+    """{character: photo files} from the slots' values (`ref_name_K`, `ref_photos_K`); empty slots are skipped."""
+    from storydiff_jax.errors import ConfigError
+
+    photos: dict[str, list[str]] = {}
+    for k in range(1, REF_SLOTS + 1):
+        name, files = (values.get(f"ref_name_{k}") or "").strip().strip("[]"), values.get(f"ref_photos_{k}") or []
+        if isinstance(files, str):
+            files = [files]
+        if not name and not files:
+            continue
+        if not name or not files:
+            raise ConfigError(f"reference photo slot {k}: give both the character's name and its photos")
+        if name in photos:
+            raise ConfigError(f"reference photos: [{name}] has two slots; put all of its photos in one")
+        photos[name] = list(files)
+    return photos
+
+
 def _zip_folder(folder: str) -> str:
     """folder -> folder.zip holding folder/..., written under a temporary name first."""
     parent, name = os.path.split(folder)
@@ -199,6 +246,13 @@ class StoryApp:
         self._loading = concurrent.futures.ThreadPoolExecutor(1).submit(lambda: (
             StoryPipeline.from_pretrained(self.story_source, dtype=dtype),
             TransitionPipeline.from_pretrained(self.video_source, dtype=dtype)))
+        # The photo-mode and LoRA inputs fail here too, before serving (the CLI's own checks).
+        from storydiff_jax.lora import check_lora_files
+        from storydiff_jax.pipelines.references import photomaker_index
+
+        if args.photomaker:
+            photomaker_index(args.photomaker)
+        check_lora_files(args.lora)
         self.tiny = self.story_source.startswith("tiny-")
         self.video_tiny = self.video_source.startswith("tiny-")
         self._names = itertools.count()
@@ -231,10 +285,13 @@ class StoryApp:
 
     # ------------------------------------------------------------------ story
     def run_story(self, text: str, settings: dict, *, save_bank=False, bank_upload: str | None = None,
-                  last_bank: str | None = None, log=print, listener=None) -> dict:
+                  last_bank: str | None = None, photos: dict[str, list[str]] | None = None,
+                  loras: list[str] | None = None, lora_scale: float = 1.0, log=print, listener=None) -> dict:
         """Generate one story with the CLI's run(); returns its folder, files and bank. Raises StoryDiffError.
 
-        settings: StoryOptions values by name (unknown names are refused; None leaves the CLI's default)."""
+        settings: StoryOptions values by name (unknown names are refused; None leaves the CLI's default).
+        photos: {character: uploaded photo files} (photo mode); loras: uploaded LoRA files, at lora_scale, merged
+        after the app's own --lora ones."""
         import infer.story
         from storydiff_jax.errors import ConfigError
         from storydiff_jax.pipelines import StoryOptions
@@ -245,6 +302,7 @@ class StoryApp:
             raise ConfigError("choose one bank: either upload a bank file or continue with the last saved bank")
         load_bank = check_upload(bank_upload, "bank file", (".npz",), self.max_upload) if bank_upload else last_bank
         name = self._new_name("story")
+        settings = {**settings, **self._identity_settings(text, name, photos or {}, loras or [], lora_scale)}
         folder = os.path.join(self.out, "stories", name)
         bank_path = os.path.join(self.out, "banks", name + ".npz") if save_bank else None
         argv = (["--story=(web form)", f"--out={folder}", "--quiet"] + StoryOptions.to_argv(settings)
@@ -261,6 +319,35 @@ class StoryApp:
             "bank": bank_path,
             "manifest": manifest,
         }
+
+    def _identity_settings(self, text: str, name: str, photos: dict[str, list[str]], loras: list[str],
+                           lora_scale: float) -> dict:
+        """The photo-mode and LoRA settings of one request: uploads checked; photos copied under --out."""
+        from storydiff_jax.errors import ConfigError
+        from storydiff_jax.story import parse_script
+
+        if any(c.photos for c in parse_script(text).characters.values()):
+            raise ConfigError("the web app reads no photo paths from the story (<ref: ...>); upload each character's "
+                              "photos in its slot under 'reference photos'")
+        if photos and not self.args.photomaker:
+            raise ConfigError("reference photos need photo mode: start the app with --photomaker DIR")
+        refs = []
+        for character, files in photos.items():
+            folder = os.path.join(self.out, "photos", name)
+            os.makedirs(folder, exist_ok=True)
+            kept = []
+            for k, path in enumerate(files):
+                check_upload(path, f"photo {k + 1} of [{character}]", IMAGE_TYPES, self.max_upload)
+                # Our own file names: no commas or other characters the --ref syntax would trip on.
+                kept.append(shutil.copyfile(path, os.path.join(
+                    folder, f"{len(refs)}-{k}{os.path.splitext(path)[1].lower()}")))
+            refs.append(f"{character}={','.join(kept)}")
+        uploaded = [f"{check_upload(path, 'LoRA file', ('.safetensors',), self.max_upload)}:{lora_scale}"
+                    for path in loras]
+        out = {"loras": tuple(self.args.lora) + tuple(uploaded), "refs": tuple(refs)}
+        if refs:   # photo mode when photos are given: a story without photos stays plain text mode
+            out |= {"photomaker": self.args.photomaker, "face_model": self.args.face_model}
+        return out
 
     # ------------------------------------------------------------------ transition
     def run_transition(self, *, start: str, end: str, settings: dict, log=print, listener=None) -> str:
@@ -322,9 +409,12 @@ def build_ui(app: StoryApp):
         if continue_bank and not last_bank:
             raise fail(StoryDiffError("no bank saved in this session yet; run a story with 'save the character "
                                       "bank' first, or upload a bank file"))
+        loras, lora_scale = settings.pop("lora_files", None) or [], settings.pop("lora_scale", 1.0)
         try:
+            photos = slot_photos({k: settings.pop(k) for k in list(settings) if k.startswith("ref_")})
             r = app.run_story(text, form_values(settings), save_bank=save_bank, bank_upload=bank_upload,
-                              last_bank=last_bank, log=lines.append, listener=progress_listener(progress))
+                              last_bank=last_bank, photos=photos, loras=loras, lora_scale=lora_scale,
+                              log=lines.append, listener=progress_listener(progress))
         except StoryDiffError as e:
             raise fail(e) from None
         state["run"] = r["folder"]
@@ -383,6 +473,20 @@ def build_ui(app: StoryApp):
                             story_settings |= option_inputs(StoryOptions, group, sd)
                     with gr.Accordion("more settings", open=False):
                         story_settings |= option_inputs(StoryOptions, "more", sd)
+                    if app.args.photomaker:
+                        with gr.Accordion("reference photos (PhotoMaker)", open=True):
+                            gr.Markdown("Give a character photos: its name, and in the story its class word then "
+                                        "`img`, e.g. `[Ana] a woman img, red coat`. Characters without photos "
+                                        "stay text only.")
+                            story_settings |= option_inputs(StoryOptions, "photos", sd)
+                            story_settings |= reference_slots()
+                    with gr.Accordion("LoRA files", open=False):
+                        story_settings["lora_files"] = gr.File(
+                            label="LoRA files (.safetensors), added to the app's --lora" if app.args.lora else
+                            "LoRA files (.safetensors)", file_count="multiple", file_types=[".safetensors"],
+                            type="filepath", elem_id="lora-files")
+                        story_settings["lora_scale"] = gr.Number(1.0, label="scale of the uploaded LoRAs",
+                                                                 elem_id="lora-scale")
                     with gr.Accordion("character bank", open=False):
                         save_bank = gr.Checkbox(False, label="save the character bank of this run",
                                                 elem_id="save-bank")

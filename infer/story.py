@@ -5,6 +5,10 @@ Example (random-weight tiny model, runs on a laptop CPU in about a minute):
 
 With a converted checkpoint (see `python -m convert pipeline --help`):
     python -m infer.story --model ./sdxl-jax --story my_story.txt --out out/my_story --style comic-book
+
+Your own characters from photos (PhotoMaker, `python -m convert photomaker`) and LoRA files:
+    python -m infer.story --model ./sdxl-jax --photomaker ./photomaker-jax --ref Ana=ana1.jpg,ana2.jpg \
+        --lora style.safetensors:0.8 --story my_story.txt --out out/my_story
 """
 
 from __future__ import annotations
@@ -22,7 +26,17 @@ STORY_FORMAT = """story file format:
                                 last # is the caption; [NC] = a panel without characters;
                                 several names = a multi-character panel; // starts a comment
   Each character's first --id-length panels showing it alone are generated together first
-  ("id panels"); every other panel then reuses their stored attention tokens."""
+  ("id panels"); every other panel then reuses their stored attention tokens.
+
+photo mode (--photomaker DIR):
+  [Ana] a woman img, red coat <ref: ana1.jpg, ana2.jpg>
+                                a character with reference photos: its description holds its class word
+                                followed by the trigger word "img" (once); the photos come from a <ref: ...>
+                                marker on its line (paths relative to the story file) or from
+                                --ref Ana=ana1.jpg,ana2.jpg. Every panel naming it takes its identity on the
+                                class word after the first --style-strength percent of the steps; characters
+                                without photos (no trigger word) and [NC] panels stay text only. PhotoMaker v2
+                                also needs --face-model DIR or --face-embeds NAME=FILE.npy."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +80,14 @@ def _write_outputs(tmp: str, result, manifest: dict) -> None:
         json.dump(manifest, f, indent=2)
 
 
+def _arch(source: str) -> str:
+    """"sdxl" or "sd15": a preset's, or a converted folder's (its index, no weights read)."""
+    from storydiff_jax import checkpoints
+    from storydiff_jax.pipelines.components import PRESETS
+
+    return PRESETS[source].arch if source in PRESETS else checkpoints.read_index(source).get("arch", "")
+
+
 def run(args: argparse.Namespace, log=print, *, text: str | None = None, pipe=None, listener=None) -> str:
     """Generate the story of `args` and write its run folder (`args.out`); returns the folder.
 
@@ -79,10 +101,13 @@ def run(args: argparse.Namespace, log=print, *, text: str | None = None, pipe=No
 
     from storydiff_jax.cli import compute_dtype
     from storydiff_jax.errors import ConfigError
+    from storydiff_jax.lora import check_lora_files
     from storydiff_jax.outputs import staged_folder
     from storydiff_jax.pipelines import StoryOptions, StoryPipeline
     from storydiff_jax.pipelines.bank import CharacterBank
+    from storydiff_jax.pipelines.identity import start_merge_step
     from storydiff_jax.pipelines.progress import Progress
+    from storydiff_jax.pipelines.references import plan_references
     from storydiff_jax.story import parse_story
 
     out = os.path.abspath(args.out)
@@ -91,6 +116,8 @@ def run(args: argparse.Namespace, log=print, *, text: str | None = None, pipe=No
     source = args.model or args.preset or "tiny-sdxl"
     # Every setting checked before anything is read or loaded; unset ones take this model's defaults.
     options = StoryOptions.from_args(args, defaults=StoryOptions.defaults(tiny=source.startswith("tiny-")))
+    # <ref: ...> photo paths in a story file are read from the file's folder.
+    photo_dir = os.path.dirname(os.path.abspath(args.story)) if text is None else None
     if text is None:
         try:
             with open(args.story, encoding="utf-8") as f:
@@ -99,11 +126,21 @@ def run(args: argparse.Namespace, log=print, *, text: str | None = None, pipe=No
             raise ConfigError(f"cannot read the story file {args.story}: {e.strerror}") from None
     bank = CharacterBank.load(args.load_bank) if args.load_bank else None
     # Parse first: a malformed story fails before any model is loaded.
-    story = parse_story(text, id_length=options.id_length,
-                        known_characters=set(bank.characters) if bank else ())
+    story = parse_story(text, id_length=options.id_length, known_characters=set(bank.characters) if bank else (),
+                        photo_dir=photo_dir)
+    # Photos, PhotoMaker folder, face inputs and LoRA files checked before any model is loaded, too.
+    plan = plan_references(story, options)
+    check_lora_files(options.loras)
+    if plan is not None and _arch(source) != "sdxl":
+        raise ConfigError(f"photo mode (PhotoMaker) needs an SDXL model; {source} is {_arch(source).upper()}")
     if not args.model:
         log(f"no --model given: using the random-weight preset {source!r} (shapes only, the pictures are noise); "
             "convert a real checkpoint with `python -m convert pipeline` for real panels")
+    if plan is not None:
+        with_photos = ", ".join(f"[{name}] {len(paths)} photo{'s' * (len(paths) > 1)}" for name, paths in
+                                plan.photos.items()) or "no character has photos"
+        log(f"photo mode: PhotoMaker v{plan.version} ({with_photos}); identity fused after step "
+            f"{start_merge_step(options.style_strength, options.steps)}")
     if options.id_length is None and story.id_panels:
         log(f"id_length {story.id_length} (each character's first {story.id_length} solo panels are its id panels)")
     if bank is not None:
@@ -119,7 +156,7 @@ def run(args: argparse.Namespace, log=print, *, text: str | None = None, pipe=No
     if pipe is None:
         pipe = StoryPipeline.from_pretrained(source, dtype=dtype)
     load_s = time.perf_counter() - t0
-    result = pipe(story, options, bank=bank, progress=Progress(bars=not args.quiet, listener=listener))
+    result = pipe(story, options, bank=bank, progress=Progress(bars=not args.quiet, listener=listener), log=log)
     manifest = {
         "model": pipe.components.source,
         "arch": pipe.config.arch,
@@ -130,6 +167,9 @@ def run(args: argparse.Namespace, log=print, *, text: str | None = None, pipe=No
         "id_length": story.id_length,
         "id_panels": story.id_panels,
         "loaded_bank": args.load_bank,
+        "photo_mode": None if plan is None else {
+            "photomaker": os.path.abspath(plan.photomaker), "version": plan.version,
+            "photos": result.info["photos"], "start_merge_step": result.info["start_merge_step"]},
         "panels": [{"file": f"panels/{p.index:02d}.png", "prompt": p.prompt, "caption": p.caption,
                     "characters": list(p.characters), "line": p.line} for p in story.panels],
         "pages": [f"pages/{i:02d}.png" for i in range(len(result.pages))],

@@ -110,6 +110,7 @@ def run(args: argparse.Namespace, log=print, *, pipe=None, listener=None) -> str
     from storydiff_jax.cli import compute_dtype
     from storydiff_jax.errors import ConfigError
     from storydiff_jax.images import load_image
+    from storydiff_jax.lora import check_lora_files
     from storydiff_jax.pipelines.progress import Progress
     from storydiff_jax.pipelines.transition import TransitionOptions, TransitionPipeline, check_options, fit_image
     from storydiff_jax.pipelines.video_components import load_video_config
@@ -137,6 +138,7 @@ def run(args: argparse.Namespace, log=print, *, pipe=None, listener=None) -> str
                 "smp": "predict" if config.smp is not None else "none"}
     base = TransitionOptions.from_args(args, defaults=defaults)
     check_options(config, base)
+    check_lora_files(base.loras)
     height, width = base.height, base.width
     if args.fps <= 0:
         raise ConfigError(f"--fps must be > 0, got {args.fps}")

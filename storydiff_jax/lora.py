@@ -349,12 +349,25 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
         return spec, 1.0
 
 
-def apply_loras(components, loras: Sequence[tuple[str | os.PathLike, float]]):
+def check_lora_files(specs: Sequence[str]) -> None:
+    """Each `FILE[:SCALE]` names a readable safetensors LoRA of a kind we merge, with a finite scale: the checks
+    that need no model (matching the weights does: `apply_loras`), so a CLI fails before loading one."""
+    for spec in specs:
+        path, scale = parse_lora_spec(spec)
+        if not np.isfinite(scale):
+            raise ConfigError(f"--lora {spec}: the scale is not a finite number; pass FILE:SCALE with e.g. 0.8")
+        group_pairs(path, read_lora_state(path))
+
+
+def apply_loras(components, loras: Sequence[tuple[str | os.PathLike, float]], *, arch: str | None = None,
+                unet_config=None):
     """A text-to-image model's parts (`pipelines.components.Components`) with LoRAs merged: a new Components
     whose U-Net and text encoders carry the merged weights (the given one is untouched).
 
     loras: [(path, scale), ...]. Every file is read and checked before anything is merged; errors are one
-    line (`ConfigError` / `CheckpointError`).
+    line (`ConfigError` / `CheckpointError`). arch / unet_config: the base architecture ("sd15", "sdxl") and
+    U-Net config the files are matched against, for parts that are not a text-to-image model's (the
+    transition model's video U-Net is SD1.5's with motion modules); default: `components.config`'s.
     """
     from flax import nnx
 
@@ -366,8 +379,9 @@ def apply_loras(components, loras: Sequence[tuple[str | os.PathLike, float]]):
     models = {c: getattr(components, c) for c in COMPONENTS if getattr(components, c, None) is not None}
     params = {c: module_params(m) for c, m in models.items()}
     kernels = {c: kernel_shapes(p) for c, p in params.items()}
-    unet_config = components.config.unet.to_dict()
-    files = [(read_lora(path, kernels, components.config.arch, unet_config), scale) for path, scale in loras]
+    arch = arch or components.config.arch
+    unet_config = (unet_config or components.config.unet).to_dict()
+    files = [(read_lora(path, kernels, arch, unet_config), scale) for path, scale in loras]
     merged = merge_loras(params, files)
     new = {}
     for c, model in models.items():

@@ -58,12 +58,14 @@ def option(default: Any = dataclasses.MISSING, help: str = "", **spec) -> Any:
 
 @dataclass(frozen=True)
 class OptionField:
-    """One declared option: its name, value type (`int` for `int | None`), whether None is allowed, default."""
+    """One declared option: its name, value type (`int` for `int | None`, `str` for `tuple[str, ...]`), whether
+    None is allowed, default, and whether it is repeated (a tuple of values: a flag given once per value)."""
     name: str
     type: type
     optional: bool
     default: Any
     spec: OptionSpec
+    repeated: bool = False
 
     @property
     def flag(self) -> str | None:
@@ -79,7 +81,19 @@ class OptionField:
         return self.default is dataclasses.MISSING
 
     def parse(self, value: Any) -> Any:
-        """A value from outside Python typed as declared: strings are parsed, ints widen to floats."""
+        """A value from outside Python typed as declared: strings are parsed, ints widen to floats. A repeated
+        option takes a list or tuple of values, or one string holding a value per line (a form's text box)."""
+        if self.repeated:
+            if value is None:
+                return ()
+            if isinstance(value, str):
+                value = [line.strip() for line in value.splitlines()]
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{self.name}: {value!r} is not a list; pass a list of values (or one per line)")
+            return tuple(self._parse_one(v) for v in value if not (isinstance(v, str) and not v.strip()))
+        return self._parse_one(value)
+
+    def _parse_one(self, value: Any) -> Any:
         if isinstance(value, str) and self.type is not str:
             text = value.strip()
             if self.optional and text.lower() in ("", "none"):
@@ -105,7 +119,7 @@ class OptionField:
     def help_text(self) -> str:
         stated = self.spec.default_text
         if stated is None:
-            if self.type is bool or self.default is None or self.required:
+            if self.type is bool or self.default in (None, ()) or self.required:
                 stated = ""
             else:
                 stated = str(self.default) + (f"; {self.spec.tiny} on tiny presets"
@@ -118,14 +132,20 @@ _KIND = {int: "a whole number", float: "a number", bool: "true or false"}
 _EXAMPLE = {int: 1, float: 1.0, bool: True, str: "text"}
 
 
-def _value_type(hint) -> tuple[type, bool]:
-    """`int` -> (int, False); `int | None` -> (int, True)."""
+def _value_type(hint) -> tuple[type, bool, bool]:
+    """(value type, optional, repeated): `int` -> (int, False, False); `int | None` -> (int, True, False);
+    `tuple[str, ...]` -> (str, False, True)."""
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if len(args) != 2 or args[1] is not Ellipsis:
+            raise TypeError(f"a repeated option's type must be tuple[T, ...], got {hint}")
+        return args[0], False, True
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if len(args) != 1:
             raise TypeError(f"an option's type must be one type or that type | None, got {hint}")
-        return args[0], True
-    return hint, False
+        return args[0], True, False
+    return hint, False, False
 
 
 class Options:
@@ -139,8 +159,8 @@ class Options:
             spec = f.metadata.get("option")
             if spec is None:
                 continue
-            value_type, optional = _value_type(hints[f.name])
-            out.append(OptionField(f.name, value_type, optional, f.default, spec))
+            value_type, optional, repeated = _value_type(hints[f.name])
+            out.append(OptionField(f.name, value_type, optional, f.default, spec, repeated))
         return out
 
     @classmethod
@@ -171,7 +191,9 @@ class Options:
             if f.flag is None:
                 continue
             kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f.help_text()}
-            if f.type is bool:
+            if f.repeated:
+                kwargs["action"] = "append"     # the flag once per value
+            if f.type is bool and not f.repeated:
                 kwargs["action"] = "store_false" if f.default is True else "store_true"
             else:
                 kwargs["type"] = f.type
@@ -202,7 +224,9 @@ class Options:
             value = f.parse(value)
             if value is None:
                 continue
-            if f.type is bool:
+            if f.repeated:
+                argv += [f"{f.flag}={v}" for v in value]
+            elif f.type is bool:
                 if value != f.default:
                     argv.append(f.flag)
             else:

@@ -171,3 +171,29 @@ def official_trigger_encoding(tokenizers, text_encoders, prompt, num_id_images, 
         embeds.append(out.hidden_states[-2])
         all_ids.append(clean)
     return torch.cat(embeds, -1), pooled, mask, all_ids
+
+
+def photomaker_lora(seed: int = 3) -> dict[str, torch.Tensor]:
+    """A LoRA in PhotoMaker's layout (diffusers' old processor names) for the tiny SDXL U-Net's first up block."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for attn in ("attn1", "attn2"):
+        base = f"unet.up_blocks.0.attentions.0.transformer_blocks.0.{attn}.processor"
+        for proj in ("to_q", "to_k", "to_v", "to_out"):
+            out[f"{base}.{proj}_lora.down.weight"] = torch.randn(4, 64, generator=g) * 0.1
+            out[f"{base}.{proj}_lora.up.weight"] = torch.randn(64, 4, generator=g) * 0.1
+    return out
+
+
+def write_photomaker_file(path, encoder: IDEncoder, lora: dict[str, torch.Tensor]):
+    """A PhotoMaker checkpoint in its real on-disk layout: `.bin` = a pickled {"id_encoder": state dict,
+    "lora_weights": LoRA}, `.safetensors` = the same tensors under `id_encoder.` / `lora_weights.` prefixes."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in encoder.state_dict().items()}
+    if str(path).endswith(".bin"):
+        torch.save({"id_encoder": state, "lora_weights": lora}, path)
+    else:
+        save_file({**{f"id_encoder.{k}": v for k, v in state.items()},
+                   **{f"lora_weights.{k}": v for k, v in lora.items()}}, str(path))
+    return path

@@ -3,7 +3,9 @@
 A subprocess (the device count is fixed when JAX starts) runs the window program as the pipeline
 places its inputs (`_window_inputs`), on 1 device and on 8: the compiled executable takes each chunk's
 panel axis sharded over the 8 devices (input shardings and per-device shapes asserted), and the
-latents agree within 1e-5 * max(1, max |x|) (per-device GEMM shapes differ, so not byte for byte).
+latents agree within 1e-5 * max(1, max |x|) (per-device GEMM shapes differ, so not byte for byte). The rows are
+photo mode's (issue 16): a second, early encoding that the rows of character panels use for step 0 only (the
+per-row switch travels with its rows through chunks and shards), the rest never.
 """
 
 import json
@@ -37,7 +39,11 @@ rng = np.random.default_rng(0)
 ctx_all = jnp.asarray(rng.standard_normal((2 * n, 77, comps.config.unet.cross_attention_dim)), jnp.float32)
 pooled_all = jnp.asarray(rng.standard_normal((2 * n, comps.config.unet.text_embeds_dim)), jnp.float32)
 
-rows = Conditioning(ctx_all, pooled_all)
+# Photo mode's rows: the cond rows of panels with characters switch from the early encoding after step 0.
+early_until = np.full(2 * n, -1, np.int32)
+early_until[n:] = np.where([bool(p.characters) for p in story.panels], 0, -1)
+rows = Conditioning(ctx_all, pooled_all, early_context=ctx_all[::-1] * 0.5, early_pooled=pooled_all[::-1],
+                    early_until=jnp.asarray(early_until))
 
 out = {}
 for d in (1, 8):

@@ -76,8 +76,10 @@ def test_from_dict_rejects_unknown_keys_and_types_strings():
 @pytest.mark.parametrize("cls, cli, values", [
     (StoryOptions, story_cli, {"negative": "-blurry", "steps": 3, "freeu": False, "id_length": None, "sa64": 0.25,
                                "mode": "window", "chunk": 5, "style": "comic book", "bank_offload": True}),
+    (StoryOptions, story_cli, {"photomaker": "pm", "refs": ["Ana=a.jpg,b.jpg", "Bo=c.jpg"], "style_strength": 30,
+                               "loras": ("x.safetensors:0.5", "-y.safetensors"), "face_embeds": ["Ana=a.npy"]}),
     (TransitionOptions, transition_cli, {"prompt": "a walk", "frames": 6, "anchor": False, "smp": "none",
-                                         "guidance": 3.0}),
+                                         "guidance": 3.0, "loras": ["sd15.safetensors:0.8"]}),
 ])
 def test_to_argv_round_trips_through_the_cli_parser(cls, cli, values):
     argv = cls.to_argv(values)
@@ -87,17 +89,39 @@ def test_to_argv_round_trips_through_the_cli_parser(cls, cli, values):
         StoryOptions.to_argv({"colour": "red"})
 
 
+def test_repeated_options_are_tuples_from_every_source():
+    """A repeated option (`tuple[str, ...]`): a flag given once per value, a list or tuple from Python or JSON, a
+    text box's lines from a form; the check of the settings as a whole runs the same from each."""
+    flags = {a.dest: a for a in story_cli.build_parser()._actions}
+    assert flags["refs"].option_strings == ["--ref"] and flags["loras"].option_strings == ["--lora"]
+    o = StoryOptions.from_args(parse(story_cli, "--photomaker", "pm", "--ref", "Ana=a.jpg", "--ref", "Bo=b.jpg"))
+    assert o.refs == ("Ana=a.jpg", "Bo=b.jpg") and o.loras == ()
+    assert StoryOptions.from_dict({"loras": "a.safetensors\n\n b.safetensors:0.5 \n"}).loras == (
+        "a.safetensors", "b.safetensors:0.5")
+    assert StoryOptions.from_dict(o.to_dict()) == o
+    with pytest.raises(ConfigError, match="--ref needs photo mode: pass --photomaker DIR"):
+        StoryOptions(refs=("Ana=a.jpg",))
+    with pytest.raises(ConfigError, match="--ref 'Ana' is not NAME=photo.jpg"):
+        StoryOptions(photomaker="pm", refs=("Ana",))
+    with pytest.raises(ConfigError, match="--ref Ana is given 2 times"):
+        StoryOptions(photomaker="pm", refs=("Ana=a.jpg", "Ana=b.jpg"))
+    with pytest.raises(ConfigError, match="style strength 120 is outside 0..100"):
+        StoryOptions(style_strength=120)
+    with pytest.raises(ConfigError, match="scale is not a finite number"):
+        TransitionOptions(loras=("a.safetensors:nan",))
+
+
 def test_form_groups_and_the_generated_gradio_inputs():
     gr = pytest.importorskip("gradio")
     from infer.app import AUTO, form_values, option_inputs
 
     shown = {f.name for f in StoryOptions.option_fields() if f.spec.form}
     assert shown == {"style", "negative", "steps", "guidance", "height", "width", "seed", "id_length", "sa32", "sa64",
-                     "mode", "window", "layout", "sampler", "freeu"}
+                     "mode", "window", "layout", "sampler", "freeu", "style_strength"}
     defaults = StoryOptions.defaults(tiny=True)
     with gr.Blocks():
         inputs = {}
-        for group in ("look", "prompt", "size", "sampling", "csa", "more"):
+        for group in ("look", "prompt", "size", "sampling", "csa", "more", "photos"):
             inputs |= option_inputs(StoryOptions, group, defaults)
         video = option_inputs(TransitionOptions, "main", TransitionOptions.defaults(tiny=True), prefix="video-")
     assert set(inputs) == shown

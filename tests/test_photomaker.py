@@ -17,7 +17,13 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from reference_photomaker import FACE_DIM, build_id_encoder, official_trigger_encoding
+from reference_photomaker import (
+    FACE_DIM,
+    build_id_encoder,
+    official_trigger_encoding,
+    photomaker_lora,
+    write_photomaker_file,
+)
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
@@ -45,34 +51,16 @@ def _check_close(ours, ref, what):
     assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g}"
 
 
-def _lora_weights() -> dict[str, torch.Tensor]:
-    """A LoRA in PhotoMaker's layout (diffusers' old processor names) for the tiny SDXL U-Net."""
-    g = torch.Generator().manual_seed(3)
-    out = {}
-    for attn, ctx in (("attn1", 64), ("attn2", 64)):
-        base = f"unet.up_blocks.0.attentions.0.transformer_blocks.0.{attn}.processor"
-        for proj, n_in in (("to_q", 64), ("to_k", ctx), ("to_v", ctx), ("to_out", 64)):
-            out[f"{base}.{proj}_lora.down.weight"] = torch.randn(4, n_in, generator=g) * 0.1
-            out[f"{base}.{proj}_lora.up.weight"] = torch.randn(64, 4, generator=g) * 0.1
-    return out
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """Torch references, PhotoMaker files in both layouts, converted with the CLI."""
     root = tmp_path_factory.mktemp("photomaker")
-    refs, folders, loras = {}, {}, _lora_weights()
+    refs, folders, loras = {}, {}, photomaker_lora()
     for version in (1, 2):
-        ref = build_id_encoder(version, seed=version)
-        refs[version] = ref
-        state = {k: v.contiguous() for k, v in ref.state_dict().items()}
-        if version == 1:   # photomaker-v1.bin: a pickled {"id_encoder": ..., "lora_weights": ...}
-            src = root / "photomaker-v1.bin"
-            torch.save({"id_encoder": state, "lora_weights": loras}, src)
-        else:              # the safetensors form: the same names as prefixes
-            src = root / "photomaker-v2.safetensors"
-            save_file({**{f"id_encoder.{k}": v for k, v in state.items()},
-                       **{f"lora_weights.{k}": v for k, v in loras.items()}}, str(src))
+        refs[version] = build_id_encoder(version, seed=version)
+        # v1 as photomaker-v1.bin (a pickled dict), v2 in the safetensors form (the same names as prefixes)
+        src = write_photomaker_file(root / ("photomaker-v1.bin" if version == 1 else "photomaker-v2.safetensors"),
+                                    refs[version], loras)
         folders[version] = root / f"pm-v{version}"
         assert convert_main(["photomaker", "--src", str(src), "--dst", str(folders[version])]) == 0
     return dict(root=root, refs=refs, folders=folders, loras=loras)

@@ -94,6 +94,45 @@ def test_setting_errors(pipe, change, words):
         pipe(start, end, dataclasses.replace(FAST, **change), progress=False)
 
 
+def test_sd15_lora_merged_into_the_video_unet_and_text_encoder(pipe, tmp_path):
+    """--lora on transitions: a kohya SD1.5 LoRA (diffusers module names) merges into the video U-Net's spatial
+    layers and the text encoder (W += scale * alpha/r * up @ down, Linear kernels transposed); scale 0 renders the
+    base frames bit for bit; an SDXL LoRA is a one-line error naming both architectures."""
+    from safetensors.numpy import save_file
+
+    from storydiff_jax.params import module_params
+
+    rng = np.random.default_rng(0)
+    unet_key, te_key = ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+                        "lora_te_text_model_encoder_layers_0_self_attn_q_proj")
+    lora = {}
+    for key in (unet_key, te_key):
+        lora[f"{key}.lora_down.weight"] = rng.standard_normal((2, 32)).astype(np.float32)
+        lora[f"{key}.lora_up.weight"] = rng.standard_normal((32, 2)).astype(np.float32)
+        lora[f"{key}.alpha"] = np.array(1.0, np.float32)
+    save_file(lora, str(tmp_path / "sd15.safetensors"))
+    start, end = _pictures()
+    base = pipe(start, end, FAST, progress=False)
+    param = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.kernel"
+    before = np.asarray(module_params(pipe.components.unet)[param])
+    zero = pipe(start, end, dataclasses.replace(FAST, loras=(f"{tmp_path / 'sd15.safetensors'}:0",)), progress=False)
+    np.testing.assert_array_equal(zero.frames, base.frames)
+    half = pipe(start, end, dataclasses.replace(FAST, loras=(f"{tmp_path / 'sd15.safetensors'}:0.5",)),
+                progress=False)
+    up, down = lora[f"{unet_key}.lora_up.weight"], lora[f"{unet_key}.lora_down.weight"]
+    merged = np.asarray(pipe._model("unet", pipe._states["unet"]).down_blocks[0].attentions[0]
+                        .transformer_blocks[0].attn1.to_q.kernel.value)
+    np.testing.assert_allclose(merged, before + 0.5 * (1.0 / 2) * (up @ down).T, rtol=1e-6, atol=1e-6)
+    assert np.abs(half.frames.astype(int) - base.frames.astype(int)).max() > 0
+    again = pipe(start, end, FAST, progress=False)      # no LoRA: the base weights again
+    np.testing.assert_array_equal(again.frames, base.frames)
+    sdxl_key = te_key.replace("lora_te_", "lora_te2_")       # SDXL's second text encoder
+    save_file({f"{sdxl_key}.lora_down.weight": lora[f"{te_key}.lora_down.weight"],
+               f"{sdxl_key}.lora_up.weight": lora[f"{te_key}.lora_up.weight"]}, str(tmp_path / "sdxl.safetensors"))
+    with pytest.raises(ConfigError, match="is an SDXL LoRA .* this model is SD15"):
+        pipe(start, end, dataclasses.replace(FAST, loras=(str(tmp_path / "sdxl.safetensors"),)), progress=False)
+
+
 def test_predict_without_trained_smp_is_refused():
     from storydiff_jax.pipelines.transition import check_options
 

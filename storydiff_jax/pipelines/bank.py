@@ -2,7 +2,8 @@
 
 A bank is what lets later panels (or a later run, via `--save-bank`/`--load-bank`) keep a character
 without regenerating its id panels. It is only meaningful for the same model, image size, sampler and
-step count, which `check_compatible` enforces.
+step count, PhotoMaker and LoRA files, and each character's reference photos, which `check_compatible`
+enforces.
 
 Layout: for each CSA layer, `tokens[layer]` is [steps, chars, 2 (CFG halves), K_L, C] and
 `valid[L]` is [steps, chars, K_L] (K_L is a fixed capacity; padding slots are invalid).
@@ -22,6 +23,8 @@ from ..errors import ConfigError
 from ..outputs import staging_file
 
 _COMPAT_KEYS = ("model", "height", "width", "steps", "sampler")
+# What banks saved before photo mode and LoRAs existed were made with.
+_UNSET = {"photomaker": None, "loras": [], "photos": {}}
 
 
 class CharacterBank:
@@ -53,10 +56,29 @@ class CharacterBank:
         return CharacterBank(self.characters, tokens, self.valid, self.meta, self.layer_tokens)
 
     def check_compatible(self, meta: dict) -> None:
+        """One-line error unless this run (`meta`, as the pipeline's `_bank_meta`) can reuse the bank."""
         for key in _COMPAT_KEYS:
             if self.meta.get(key) != meta.get(key):
                 raise ConfigError(f"the loaded bank was made with {key}={self.meta.get(key)!r}, this run uses "
                                   f"{meta.get(key)!r}; use the same {key} as when the bank was saved")
+        mine, theirs = (m.get("photomaker", _UNSET["photomaker"]) for m in (self.meta, meta))
+        if mine != theirs:
+            made = f"with PhotoMaker {mine}" if mine else "in text mode (no --photomaker)"
+            runs = f"PhotoMaker {theirs}" if theirs else "text mode"
+            raise ConfigError(f"the loaded bank was made {made}, this run uses {runs}; run in the same mode (and "
+                              "PhotoMaker) as when the bank was saved, or drop --load-bank")
+        mine, theirs = ([tuple(x) for x in m.get("loras", _UNSET["loras"])] for m in (self.meta, meta))
+        if mine != theirs:
+            def said(loras):
+                return ", ".join(f"{name}:{scale:g}" for name, _, scale in loras) or "none"
+            raise ConfigError(f"the loaded bank was made with LoRAs {said(mine)}, this run uses {said(theirs)}; use "
+                              "the same --lora files and scales as when the bank was saved, or drop --load-bank")
+        for name in self.characters:
+            mine, theirs = (m.get("photos", _UNSET["photos"]).get(name, []) for m in (self.meta, meta))
+            if list(mine) != list(theirs):
+                raise ConfigError(f"character [{name}] of the loaded bank was made from other reference photos "
+                                  f"({len(mine)} photos; this run gives {len(theirs)}); give the same photos, or "
+                                  "drop --load-bank")
 
     def merged(self, other: CharacterBank) -> CharacterBank:
         """This bank's characters followed by `other`'s (capacities padded to the larger one)."""

@@ -1,5 +1,6 @@
 """What the story and transition pipelines share: a device mesh holding the models' replicated states, the
-compiled-program cache, the host loop over denoising steps, and decoded images to uint8.
+compiled-program cache, LoRA files merged into those states, the host loop over denoising steps, and decoded
+images to uint8.
 
 Programs are built by pure builder methods and cached under the builder and every argument it was built
 with (`self._program(self._window_program, sampler, layout, ...)`), so a cache key can never name fewer
@@ -9,8 +10,10 @@ numbers); arrays are arguments of the compiled program itself.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import jax
@@ -64,6 +67,7 @@ class Pipeline:
         self.mesh = data_mesh(devices)
         self.n_devices = self.mesh.devices.size
         self._programs: dict = {}
+        self._merged: tuple = ((), None)     # (LoRA set, its placed states): the last set a run asked for
 
     def _place(self, model: nnx.Module):
         """(graph, state replicated over the mesh) of a model: programs take the state as an argument. An abstract
@@ -80,3 +84,33 @@ class Pipeline:
         if key not in self._programs:
             self._programs[key] = builder(*args)
         return self._programs[key]
+
+    def _lora_states(self, components, loras: Sequence[tuple[str, float]], placed: dict[str, tuple], **lora_kw
+                     ) -> dict | None:
+        """{name: state} of the models in `placed` ({name: (graph, base state)}, as `_place` made them) with `loras`
+        ([(path, scale)]) merged into `components`' weights, or None without LoRAs (the base states serve).
+
+        The last set asked for is kept, so runs with the same files (same paths, sizes, modification times and
+        scales) merge once; another set replaces it (one merged copy at a time). The merge starts from the
+        placed states: weights no LoRA touches stay the same device arrays. The merged models have the base
+        models' graphs, so every compiled program serves both."""
+        from ..lora import apply_loras
+
+        key = tuple((os.path.abspath(path), *_stamp(path), float(scale)) for path, scale in loras)
+        if not key:
+            return None
+        if self._merged[0] != key:
+            self._merged = ((), None)        # free the previous set before merging the next
+            base = dataclasses.replace(components, **{name: nnx.merge(*gs) for name, gs in placed.items()})
+            merged = apply_loras(base, list(loras), **lora_kw)
+            self._merged = (key, {name: self._place(getattr(merged, name))[1] for name in placed})
+        return self._merged[1]
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    """(size, modification time) of a file, or (-1, -1) when it is missing (apply_loras then says so)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns

@@ -256,15 +256,29 @@ class IdentityConditioning(NamedTuple):
     fused_pooled: jax.Array    # [B, P]
 
 
+class PromptRows(NamedTuple):
+    """A batch of prompts with their triggers resolved, ready to encode (numpy, one row per prompt)."""
+    ids: np.ndarray            # [B, L] int32 first tokenizer, class words repeated (the fused encoding)
+    ids2: np.ndarray           # [B, L] second tokenizer, the same
+    text_ids: np.ndarray       # [B, L] first tokenizer, triggers removed (the text-only encoding)
+    text_ids2: np.ndarray      # [B, L] second tokenizer, the same
+    positions: np.ndarray      # [B, L] int32 positions to fuse, padded with L (past the end: dropped)
+    tokens: np.ndarray         # [B, L, D] float32 the identity token for each position, zero-padded
+    fused: np.ndarray          # [B] bool: the prompt has at least one identity to fuse
+
+
 class IdentityEncoder:
     """SDXL prompt encoding with identity fusion, as jitted programs over the loaded models.
 
     One program encodes a batch of prompts whatever their photo counts: each prompt's fused positions come
     padded to the sequence length (padding points past the end and is dropped), so the shapes depend only
     on the batch size.
+
+    place: `model -> (graph, state)`; default `nnx.split`. A pipeline passes its own, which puts the states on
+    its device mesh (replicated), so these programs run where the pipeline's do.
     """
 
-    def __init__(self, components, photomaker: PhotoMaker):
+    def __init__(self, components, photomaker: PhotoMaker, *, place=nnx.split):
         if components.text_encoder_2 is None:
             raise ConfigError("PhotoMaker works with SDXL models only; this model is SD1.5")
         width = components.config.text_encoder.hidden_size + components.config.text_encoder_2.hidden_size
@@ -273,9 +287,9 @@ class IdentityEncoder:
                               f"this model's text context is {width} wide; use a PhotoMaker made for SDXL")
         self.components, self.photomaker = components, photomaker
         self.trigger = photomaker.trigger_word
-        self._te = nnx.split(components.text_encoder)
-        self._te2 = nnx.split(components.text_encoder_2)
-        self._pm = nnx.split(photomaker.encoder)
+        self._te = place(components.text_encoder)
+        self._te2 = place(components.text_encoder_2)
+        self._pm = place(photomaker.encoder)
         self._encode = jax.jit(self._encode_program)
         self._tokens = jax.jit(self._tokens_program)
 
@@ -296,14 +310,15 @@ class IdentityEncoder:
     def _tokens_program(self, pm_state, pixels, face_embeds):
         return nnx.merge(self._pm[0], pm_state).id_embeds(pixels, face_embeds)
 
-    def encode(self, prompts: Sequence[str], owners: Sequence[Sequence[str | None]],
-               identities: Mapping[str, jax.Array]) -> IdentityConditioning:
-        """Encode prompts whose triggers are owned by characters (`trigger_owners`); identities: {name:
-        identity_tokens(...)}. A trigger owned by None or by a character absent from `identities` stays text."""
+    def prompt_rows(self, prompts: Sequence[str], owners: Sequence[Sequence[str | None]],
+                    identities: Mapping[str, jax.Array]) -> PromptRows:
+        """Token ids and fuse inputs of prompts whose triggers are owned by characters (`trigger_owners`);
+        identities: {name: identity_tokens(...)}. A trigger owned by None or by a character absent from
+        `identities` stays text."""
         c = self.components
         length = c.config.text_encoder.max_position_embeddings
         width = self.photomaker.config.embed_dim
-        rows = {"ids": [], "ids2": [], "text": [], "text2": [], "pos": [], "tok": []}
+        rows = {k: [] for k in PromptRows._fields}
         for prompt, who in zip(prompts, owners, strict=True):
             counts = [int(identities[o].shape[0]) if o in identities else 0 for o in who]
             first = expand_triggers(c.tokenizer, prompt, counts, trigger=self.trigger, max_length=length)
@@ -317,16 +332,29 @@ class IdentityEncoder:
                 if ps:
                     tok[n:n + len(ps)] = np.asarray(identities[o])
                     n += len(ps)
-            for k, v in (("ids", first.ids), ("ids2", second.ids), ("text", first.text_only_ids),
-                         ("text2", second.text_only_ids), ("pos", pos), ("tok", tok)):
+            for k, v in (("ids", first.ids), ("ids2", second.ids), ("text_ids", first.text_only_ids),
+                         ("text_ids2", second.text_only_ids), ("positions", pos), ("tokens", tok),
+                         ("fused", bool(flat))):
                 rows[k].append(v)
-        r = {k: jnp.asarray(np.stack(v)) for k, v in rows.items()}
-        none = jnp.full_like(r["pos"], length)
-        text_ctx, text_pooled = self._encode(self._te[1], self._te2[1], self._pm[1], r["text"], r["text2"], none,
-                                             r["tok"])
-        fused_ctx, fused_pooled = self._encode(self._te[1], self._te2[1], self._pm[1], r["ids"], r["ids2"],
-                                               r["pos"], r["tok"])
+        return PromptRows(**{k: np.stack(v) if k != "fused" else np.array(v, bool) for k, v in rows.items()})
+
+    def encode(self, prompts: Sequence[str], owners: Sequence[Sequence[str | None]],
+               identities: Mapping[str, jax.Array], *, text_states=None) -> IdentityConditioning:
+        """Encode prompts whose triggers are owned by characters (`trigger_owners`); identities: {name:
+        identity_tokens(...)}. A trigger owned by None or by a character absent from `identities` stays text.
+        text_states: (first, second) text encoder states to use instead of the loaded ones (the same networks
+        with other weights, e.g. LoRAs merged)."""
+        r = self.prompt_rows(prompts, owners, identities)
+        none = np.full_like(r.positions, r.positions.shape[1])
+        text_ctx, text_pooled = self.encode_rows(r.text_ids, r.text_ids2, none, r.tokens, text_states=text_states)
+        fused_ctx, fused_pooled = self.encode_rows(r.ids, r.ids2, r.positions, r.tokens, text_states=text_states)
         return IdentityConditioning(text_ctx, text_pooled, fused_ctx, fused_pooled)
+
+    def encode_rows(self, ids, ids2, positions, tokens, *, text_states=None) -> tuple[jax.Array, jax.Array]:
+        """(context [B, L, D], pooled [B, P]) of token ids with `tokens` fused at `positions` (see PromptRows)."""
+        te, te2 = text_states if text_states is not None else (self._te[1], self._te2[1])
+        return self._encode(te, te2, self._pm[1], jnp.asarray(ids), jnp.asarray(ids2), jnp.asarray(positions),
+                            jnp.asarray(tokens))
 
     def _encode_program(self, te_state, te2_state, pm_state, ids, ids2, positions, tokens):
         out1 = nnx.merge(self._te[0], te_state)(ids)

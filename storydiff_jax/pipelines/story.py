@@ -14,6 +14,8 @@ denoising step (`base.run_steps`).
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +38,19 @@ from ..story import LAYOUTS, Story, apply_style, get_style, parse_story, style_n
 from .bank import CharacterBank
 from .base import Pipeline, run_steps, timed, to_uint8
 from .components import Components, load_components
+from .identity import IdentityEncoder, PhotoMaker, start_merge_step, trigger_owners
 from .progress import Progress, as_progress
+from .references import (
+    StoryIdentities,
+    check_options,
+    encode_identities,
+    file_digest,
+    lora_list,
+    photomaker_index,
+    photomaker_lora,
+    plan_references,
+    story_photos,
+)
 
 MODES = ("bank", "window")
 
@@ -77,6 +91,27 @@ class StoryOptions(Options):
     font: str | None = option(None, "TrueType font for captions", default_text="Pillow's built-in font")
     bank_offload: bool = option(False, "keep character banks in host memory and stream each step's tokens to the "
                                 "accelerator (long stories / large images on small GPUs)")
+    # Your own characters (docs/identity.md): reference photos through PhotoMaker, LoRA files.
+    photomaker: str | None = option(None, "photo mode: a converted PhotoMaker folder (`python -m convert "
+                                    "photomaker`); its LoRA is merged into the model, and characters given photos "
+                                    "(--ref, or <ref: ...> in the story) take their identity from them",
+                                    metavar="DIR")
+    refs: tuple[str, ...] = option((), "reference photos of a character (repeatable; needs --photomaker); its "
+                                   "description holds its class word then the trigger word: [Ana] a woman img, ...",
+                                   flag="--ref", metavar="NAME=PHOTO[,PHOTO...]")
+    style_strength: float = option(20.0, "photo mode: percent of the steps conditioned on the text alone before the "
+                                   "identity is fused in (steps 0..min(int(strength/100 x steps), 30))",
+                                   metavar="PERCENT", form="photos", widget="slider", bounds=(0, 100), step=1,
+                                   label="style strength (%)")
+    face_model: str | None = option(None, "PhotoMaker v2: folder with insightface's buffalo_l det_10g.onnx and "
+                                    "w600k_r50.onnx (needs onnxruntime: the arcface extra), run on every photo",
+                                    metavar="DIR")
+    face_embeds: tuple[str, ...] = option((), "PhotoMaker v2: ArcFace embeddings computed elsewhere (repeatable): "
+                                          "a .npy of [photos, 512] in the order of NAME's photos; NAME= may be "
+                                          "left out when one character has photos", metavar="[NAME=]FILE.npy")
+    loras: tuple[str, ...] = option((), "LoRA file merged into the U-Net and text encoders at load (repeatable; "
+                                    "scale default 1): kohya/A1111, diffusers/PEFT, LoCon",
+                                    flag="--lora", metavar="FILE[:SCALE]")
 
     def __post_init__(self):
         # Checked here, not in the pipeline, so every caller (CLI, web app, Python) gets the same one-line
@@ -101,6 +136,10 @@ class StoryOptions(Options):
             raise ConfigError(f"unknown comic layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if not 0.0 <= self.style_strength <= 100.0:
+            raise ConfigError(f"style strength {self.style_strength} is outside 0..100; pass a percentage such as "
+                              "--style-strength 20")
+        check_options(self.photomaker, self.refs, self.face_model, self.face_embeds, self.loras)
 
     def csa(self) -> csa.CSASettings:
         return csa.CSASettings(sa32=self.sa32, sa64=self.sa64)
@@ -119,6 +158,24 @@ class Conditioning:
     """
     context: jax.Array                  # [R, 77, D] text tokens for the cross-attention
     pooled: jax.Array | None = None     # [R, P] SDXL's pooled text embedding (None on SD1.5)
+    # Photo mode: a second encoding for the early steps (the text-only one; `context` holds the fused), used by
+    # the rows whose step index i <= early_until (-1: never, the rows without an identity).
+    early_context: jax.Array | None = None   # [R, 77, D]
+    early_pooled: jax.Array | None = None    # [R, P]
+    early_until: jax.Array | None = None     # [R] int32
+
+    def at_step(self, i) -> Conditioning:
+        """The rows' encodings for denoising step i (a traced index inside the programs)."""
+        if self.early_context is None:
+            return self
+        early = i <= self.early_until
+
+        def pick(a, b):
+            return jnp.where(early.reshape(-1, *(1,) * (a.ndim - 1)), a, b)
+
+        pooled = None if self.pooled is None else pick(self.early_pooled, self.pooled)
+        return dataclasses.replace(self, context=pick(self.early_context, self.context), pooled=pooled,
+                                   early_context=None, early_pooled=None, early_until=None)
 
     def select(self, panels: Sequence[int]) -> Conditioning:
         """The rows of these panels (repeats allowed: padding) from a table of every panel."""
@@ -182,6 +239,11 @@ class StoryPipeline(Pipeline):
         self._te_graph, self._te_state = self._place(components.text_encoder)
         if components.text_encoder_2 is not None:
             self._te2_graph, self._te2_state = self._place(components.text_encoder_2)
+        # The states without LoRAs; a run with LoRAs swaps merged ones in (`_use_weights`).
+        self._base_states = {"unet": self._unet_state, "text_encoder": self._te_state,
+                             "text_encoder_2": getattr(self, "_te2_state", None)}
+        self._identity: tuple[str, IdentityEncoder] | None = None      # the last PhotoMaker a run used
+        self._faces: tuple[str, Any] | None = None                     # the last face model a run used
 
     @classmethod
     def from_pretrained(cls, source: str, *, dtype=jnp.float32, seed: int = 0, devices=None) -> StoryPipeline:
@@ -195,12 +257,17 @@ class StoryPipeline(Pipeline):
         """Generate every panel of `story` and typeset its pages.
 
         bank: characters from an earlier run (`CharacterBank.load`): they need no id panels. progress: console
-        bars (True), none (False), or a `Progress` of your own (e.g. with a listener).
+        bars (True), none (False), or a `Progress` of your own (e.g. with a listener). log: receives warnings
+        (e.g. a reference photo without a face). Not for concurrent calls: a run's LoRAs are swapped into the
+        pipeline's weights.
         """
         # 1. Check the inputs; parse the story (characters of a loaded bank need no id panels).
         story = self.check_inputs(story, options, bank)
-        # 2. Every panel's styled prompt and negative prompt, encoded: the conditioning rows.
-        conditioning = self.encode_story(story, options)
+        # 2. The weights (LoRAs merged) and, in photo mode, each character's identity from its photos; every
+        #    panel's styled prompt and negative prompt, encoded: the conditioning rows.
+        self._use_weights(options)
+        identities = self.encode_identities(story, options, log)
+        conditioning = self.encode_story(story, options, identities)
         # 3. The run's constants: sampler, CSA layout, noise, time ids, guidance, progress.
         run = self.prepare_run(story, options, conditioning, progress)
         # 4. Denoise: id panels write their characters' banks and the other panels read them, or sliding windows.
@@ -223,6 +290,9 @@ class StoryPipeline(Pipeline):
         pages = typeset(panels, [p.caption for p in story.panels], options.layout, seed=options.seed,
                         font_path=options.font)
         info = {"timings": timings, "id_length": story.id_length, "layer_tokens": list(run.layout.tokens)}
+        if identities is not None:
+            info["photos"] = {name: list(paths) for name, paths in identities.photos.items()}
+            info["start_merge_step"] = identities.start_merge_step
         return StoryResult(panels, pages, story, new_bank, np.stack([np.asarray(x, np.float32) for x in ordered]),
                            info)
 
@@ -237,18 +307,70 @@ class StoryPipeline(Pipeline):
     def check_inputs(self, story: str | Story, options: StoryOptions, bank: CharacterBank | None) -> Story:
         """One-line errors before any work; returns the parsed story."""
         self.check_size(options.height, options.width)
-        if bank is not None and options.mode == "bank":
-            bank.check_compatible(self._bank_meta(options))
         if isinstance(story, str):
             known = set(bank.characters) if bank is not None else set()
             story = parse_story(story, id_length=options.id_length, known_characters=known)
+        plan = plan_references(story, options)
+        if plan is not None and self.components.text_encoder_2 is None:
+            raise ConfigError("photo mode (PhotoMaker) needs an SDXL model; this one is SD1.5")
+        if bank is not None and options.mode == "bank":
+            bank.check_compatible(self._bank_meta(options, story))
         return story
 
-    def encode_story(self, story: Story, options: StoryOptions) -> Conditioning:
+    def encode_identities(self, story: Story, options: StoryOptions, log=print) -> StoryIdentities | None:
+        """Photo mode: the identity tokens of the characters with photos that the story shows (None in text mode)."""
+        plan = plan_references(story, options)
+        if plan is None:
+            return None
+        if self._identity is None or self._identity[0] != os.path.abspath(plan.photomaker):
+            self._identity = None
+            photomaker = PhotoMaker.load(plan.photomaker, dtype=self.components.dtype)
+            self._identity = (os.path.abspath(plan.photomaker),
+                              IdentityEncoder(self.components, photomaker, place=self._place))
+        embedder = None
+        if plan.version == 2 and options.face_model:
+            from ..faces import FaceEmbedder
+
+            if self._faces is None or self._faces[0] != options.face_model:
+                self._faces = (options.face_model, FaceEmbedder(options.face_model))
+            embedder = self._faces[1].embed_photos
+        shown = [name for name in story.characters if any(name in p.characters for p in story.panels)]
+        merge_step = start_merge_step(options.style_strength, options.steps)
+        return encode_identities(self._identity[1], plan, shown, merge_step, face_embedder=embedder, warn=log)
+
+    def encode_story(self, story: Story, options: StoryOptions, identities: StoryIdentities | None = None
+                     ) -> Conditioning:
         """Every panel's prompt and negative prompt in its style, encoded: rows [negatives..., prompts...]."""
         prompts, negatives = zip(*(apply_style(options.style, p.prompt, options.negative) for p in story.panels))
+        if identities is not None:
+            return self._encode_with_identities(story, list(prompts), list(negatives), identities)
         context, pooled = self.encode_prompts(list(negatives) + list(prompts))
         return Conditioning(context, pooled)
+
+    def _encode_with_identities(self, story: Story, prompts: list[str], negatives: list[str],
+                                identities: StoryIdentities) -> Conditioning:
+        """Photo mode's rows. A prompt naming characters with identities conditions on its text-only encoding
+        (triggers removed) for steps i <= start_merge_step and on its fused one (each character's identity
+        tokens fused into its class word) after; every other row (negatives, [NC] panels, characters without
+        photos) on its text-only encoding throughout. The text-only rows go through the text-mode program with
+        the same batch, so a story whose merge step is never reached gives text mode's numbers."""
+        c, encoder = self.components, identities.encoder
+        descriptions = {name: story.characters[name].description for name in identities.tokens}
+        owners = [trigger_owners(p, descriptions, trigger=encoder.trigger) for p in prompts]
+        rows = encoder.prompt_rows(prompts, owners, identities.tokens)
+        empty = np.array([p.strip() == "" for p in negatives + prompts])
+        text_ctx, text_pooled = self._encode_ids(np.concatenate([tokenize(c.tokenizer, negatives), rows.text_ids]),
+                                                 np.concatenate([tokenize(c.tokenizer_2, negatives), rows.text_ids2]),
+                                                 empty)
+        fused_ctx, fused_pooled = encoder.encode_rows(rows.ids, rows.ids2, rows.positions, rows.tokens,
+                                                      text_states=(self._te_state, self._te2_state))
+        n = len(prompts)
+        fused = np.flatnonzero(rows.fused)
+        early_until = np.full((2 * n,), -1, np.int32)
+        early_until[n + fused] = identities.start_merge_step
+        return Conditioning(text_ctx.at[n + fused].set(fused_ctx[fused]),
+                            text_pooled.at[n + fused].set(fused_pooled[fused]),
+                            early_context=text_ctx, early_pooled=text_pooled, early_until=jnp.asarray(early_until))
 
     def prepare_run(self, story: Story, options: StoryOptions, conditioning: Conditioning,
                     progress: bool | Progress = False) -> StoryRun:
@@ -269,11 +391,13 @@ class StoryPipeline(Pipeline):
         """Prompts -> (context [N, 77, D], pooled [N, P] or None). SDXL zeroes empty prompts."""
         c = self.components
         ids = tokenize(c.tokenizer, prompts)
-        encode = self._program(self._text_program)
         if c.text_encoder_2 is None:
-            return encode(self._te_state, ids), None
-        empty = np.array([p.strip() == "" for p in prompts])
-        return encode(self._te_state, self._te2_state, ids, tokenize(c.tokenizer_2, prompts), empty)
+            return self._program(self._text_program)(self._te_state, ids), None
+        return self._encode_ids(ids, tokenize(c.tokenizer_2, prompts), np.array([p.strip() == "" for p in prompts]))
+
+    def _encode_ids(self, ids: np.ndarray, ids2: np.ndarray, empty: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """SDXL: both tokenizers' ids [N, 77] -> (context, pooled); `empty` rows condition on zeros."""
+        return self._program(self._text_program)(self._te_state, self._te2_state, ids, ids2, empty)
 
     def _text_program(self):
         return jax.jit(self._encode_sd15 if self.components.text_encoder_2 is None else self._encode_sdxl)
@@ -314,7 +438,7 @@ class StoryPipeline(Pipeline):
         valid = {L: np.stack([s.valid[L] for s in schedules], axis=1) if schedules else
                  np.zeros((options.steps, 0, 1), bool) for L in sorted(set(layout.tokens))}
         new_bank = CharacterBank({name: story.characters[name].description for name in names}, list(bank), valid,
-                                 self._bank_meta(options), list(layout.tokens))
+                                 self._bank_meta(options, story), list(layout.tokens))
         if options.bank_offload:
             new_bank = new_bank.placed(host_memory(self.mesh))
         return latents, new_bank
@@ -392,13 +516,35 @@ class StoryPipeline(Pipeline):
                 run.progress.tick()
         return panels
 
-    def _bank_meta(self, options: StoryOptions) -> dict:
+    def _bank_meta(self, options: StoryOptions, story: Story) -> dict:
+        """What a bank was made with: what must match to reuse it (`CharacterBank.check_compatible`)."""
+        photo_mode = options.photomaker is not None
+        version = photomaker_index(options.photomaker).get("photomaker_version", 1) if photo_mode else None
+        loras = lora_list(options.loras)
         return {"model": self.components.source, "height": options.height, "width": options.width,
-                "steps": options.steps, "sampler": options.sampler, "sa32": options.sa32, "sa64": options.sa64}
+                "steps": options.steps, "sampler": options.sampler, "sa32": options.sa32, "sa64": options.sa64,
+                "photomaker": f"v{version} {file_digest(photomaker_lora(options.photomaker))}" if photo_mode else None,
+                "loras": [[os.path.basename(path), file_digest(path), scale] for path, scale in loras],
+                "photos": {name: [file_digest(p) for p in paths]
+                           for name, paths in story_photos(story, options.refs).items()} if photo_mode else {}}
+
+    def _use_weights(self, options: StoryOptions) -> None:
+        """Swap in the weights this run asks for: the base ones, or with its LoRAs merged (photo mode: the
+        PhotoMaker's own first, at scale 1, as the official app's `fuse_lora()`)."""
+        lora = photomaker_lora(options.photomaker) if options.photomaker else None
+        placed = {"unet": (self._unet_graph, self._base_states["unet"]),
+                  "text_encoder": (self._te_graph, self._base_states["text_encoder"])}
+        if self.components.text_encoder_2 is not None:
+            placed["text_encoder_2"] = (self._te2_graph, self._base_states["text_encoder_2"])
+        states = self._lora_states(self.components, lora_list(options.loras, lora), placed) or self._base_states
+        self._unet_state, self._te_state = states["unet"], states["text_encoder"]
+        if self.components.text_encoder_2 is not None:
+            self._te2_state = states["text_encoder_2"]
 
     # ------------------------------------------------------------------ programs
     def _unet_eps(self, unet, sampler, i, x, cond: Conditioning, time_ids, guidance, freeu, hook):
         """Classifier-free guided model output for latents x [B, ...] and their rows `cond` [uncond B, cond B]."""
+        cond = cond.at_step(i)
         xin = sampler.scale_model_input(jnp.concatenate([x, x]), i)
         added = {} if cond.pooled is None else {"text_embeds": cond.pooled, "time_ids": time_ids}
         out = unet(xin, sampler.model_timestep(i), cond.context, freeu=freeu, self_attention=hook, **added)

@@ -30,6 +30,7 @@ from PIL import Image
 
 from ..errors import ConfigError
 from ..images import clip_preprocess
+from ..lora import parse_lora_spec
 from ..models.clip_text import tokenize
 from ..models.smp import interpolate_tokens
 from ..options import Options, option
@@ -64,6 +65,9 @@ class TransitionOptions(Options):
     anchor: bool = option(True, "do not hold the first/last frames to the given pictures (the paper conditions only "
                           "through tokens; holding them is our default)")
     decode_batch: int = option(4, "frames decoded together", flag=None)
+    loras: tuple[str, ...] = option((), "SD1.5 LoRA file merged into the video U-Net's spatial layers and the text "
+                                    "encoder at load (repeatable; scale default 1): kohya/A1111, diffusers/PEFT, "
+                                    "LoCon", flag="--lora", metavar="FILE[:SCALE]")
 
     def __post_init__(self):
         # The checks that need no model; `check_options` adds the model's own limits.
@@ -75,6 +79,9 @@ class TransitionOptions(Options):
             raise ConfigError(f"smp mode {self.smp!r} is not one of {', '.join(SMP_MODES)}")
         if self.decode_batch < 1:
             raise ConfigError(f"decode batch must be >= 1, got {self.decode_batch}")
+        for spec in self.loras:
+            if not np.isfinite(parse_lora_spec(spec)[1]):
+                raise ConfigError(f"--lora {spec}: the scale is not a finite number; pass FILE:SCALE with e.g. 0.8")
 
 
 @dataclass
@@ -135,6 +142,7 @@ class TransitionPipeline(Pipeline):
             model = getattr(components, name)
             if model is not None:
                 self._graphs[name], self._states[name] = self._place(model)
+        self._base_states = dict(self._states)      # without LoRAs; a run with LoRAs swaps merged ones in
 
     @classmethod
     def from_pretrained(cls, source: str, *, dtype=jnp.float32, seed: int = 0, devices=None,
@@ -190,8 +198,9 @@ class TransitionPipeline(Pipeline):
         tokens: optional precomputed (`image_tokens([start, end])`) to skip re-encoding. progress: console bars
         (True), none (False), or a `Progress` of your own (e.g. with a listener).
         """
-        # 1. Check the settings against this model.
+        # 1. Check the settings against this model; merge its LoRAs into the weights (kept for the next run).
         self.check(options)
+        self._use_weights(options)
         progress = as_progress(progress)
         c = self.components
         timings: dict[str, float] = {}
@@ -224,6 +233,15 @@ class TransitionPipeline(Pipeline):
             frames = self._decode(latents, options.decode_batch, progress)
         info = {"timings": timings, "options": options.to_dict(), "smp": options.smp, "frames": int(frames.shape[0])}
         return TransitionResult(frames, np.asarray(latents, np.float32), info)
+
+    def _use_weights(self, options: TransitionOptions) -> None:
+        """The base weights, or with the run's LoRAs merged: SD1.5 LoRAs, matched against the video U-Net's
+        spatial layers (SD1.5's names) and the text encoder."""
+        names = ("unet", "text_encoder")
+        placed = {name: (self._graphs[name], self._base_states[name]) for name in names}
+        merged = self._lora_states(self.components, [parse_lora_spec(s) for s in options.loras], placed, arch="sd15",
+                                   unet_config=self.config.unet.unet)
+        self._states.update(merged or {name: self._base_states[name] for name in names})
 
     def _frame_sharding(self, frames: int):
         """Frames over `data` when they divide evenly (motion modules then exchange across devices)."""

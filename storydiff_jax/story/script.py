@@ -14,6 +14,9 @@ The format (see ``examples/``)::
 * Every later non-blank line is a panel. ``[Name]`` is replaced by the character's description;
   ``[NC]`` marks a panel without characters; the text after the *last* ``#`` is the caption.
 * Lines starting with ``//`` are comments, anywhere.
+* A character line may end with reference photos for photo mode (PhotoMaker, docs/identity.md):
+  ``[Lena] a woman img with short red hair <ref: lena1.jpg, lena2.jpg>``; relative paths are read from the
+  story file's folder. The marker is not part of the description.
 
 StoryDiffusion's consistent self-attention needs a few "id panels" per character that are generated
 together first and whose attention features every later ("read") panel borrows. We pick, for each
@@ -24,6 +27,7 @@ someone else would mix two identities into the shared features.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -38,6 +42,8 @@ COMMENT = "//"
 _CHARACTER_LINE = re.compile(r"^\[([^\[\]#]*)\](.*)$")
 # A `[Name]` tag inside a panel line.
 _TAG = re.compile(r"\[([^\[\]#]*)\]")
+# Reference photos on a character line: `<ref: a.jpg, b.jpg>` (as A1111's `<lora:...>`, kept out of the prompt).
+_REF_MARKER = re.compile(r"<\s*ref\s*:([^<>]*)>", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,7 @@ class Character:
     name: str
     description: str
     line: int  # 1-based line of the definition
+    photos: tuple[str, ...] = ()  # reference photos from a `<ref: ...>` marker (photo mode)
 
 
 @dataclass(frozen=True)
@@ -72,14 +79,16 @@ class Story:
         return [p.index for p in self.panels if p.index not in ids]
 
 
-def parse_story(text: str, *, id_length: int | None, known_characters: Iterable[str] = ()) -> Story:
+def parse_story(text: str, *, id_length: int | None, known_characters: Iterable[str] = (),
+                photo_dir: str | None = None) -> Story:
     """Parse a story script and plan its id panels.
 
     ``id_length=None`` picks ``default_id_length(story)`` (the CLI should say which it picked).
     ``known_characters``: characters whose bank is already loaded: they need no id panels.
+    ``photo_dir``: the folder relative ``<ref: ...>`` photo paths are read from (the story file's; None: as given).
     Raises ``StoryError`` (with the line number) for anything the script gets wrong.
     """
-    story = parse_script(text)
+    story = parse_script(text, photo_dir=photo_dir)
     known = set(known_characters)
     if id_length is None:
         id_length = default_id_length(story, skip=known)
@@ -88,7 +97,7 @@ def parse_story(text: str, *, id_length: int | None, known_characters: Iterable[
     return story
 
 
-def parse_script(text: str) -> Story:
+def parse_script(text: str, *, photo_dir: str | None = None) -> Story:
     """Parse the characters and panels only, without an id plan (``story.id_panels`` is empty)."""
     lines = text.splitlines()
     # Skip leading blank lines and comments: the character block starts at the first real line.
@@ -109,7 +118,7 @@ def parse_script(text: str) -> Story:
             break  # end of the character block
         if raw.startswith(COMMENT):
             continue
-        character = _parse_character(raw, pos)  # pos is now the 1-based number of this line
+        character = _parse_character(raw, pos, photo_dir)  # pos is now the 1-based number of this line
         if character.name in characters:
             first = characters[character.name].line
             raise StoryError(
@@ -141,7 +150,7 @@ def _is_skippable(line: str) -> bool:
     return stripped == "" or stripped.startswith(COMMENT)
 
 
-def _parse_character(raw: str, number: int) -> Character:
+def _parse_character(raw: str, number: int, photo_dir: str | None = None) -> Character:
     hint = (
         "a character line is `[Name] description`; if the panels start here, "
         "put a blank line or `---` between the characters and the panels"
@@ -149,7 +158,15 @@ def _parse_character(raw: str, number: int) -> Character:
     match = _CHARACTER_LINE.match(raw)
     if match is None:
         raise StoryError(f"malformed character line {raw!r}: {hint}", line=number)
-    name, description = match.group(1).strip(), _normalise_spaces(match.group(2))
+    name, rest = match.group(1).strip(), match.group(2)
+    photos = []
+    for marker in _REF_MARKER.findall(rest):
+        paths = [p.strip() for p in marker.split(",") if p.strip()]
+        if not paths:
+            raise StoryError(f"character [{name}]: the <ref: ...> marker names no photo; write "
+                             f"<ref: photo1.jpg, photo2.jpg> or remove it", line=number)
+        photos += [_photo_path(p, photo_dir) for p in paths]
+    description = _normalise_spaces(_REF_MARKER.sub(" ", rest))
     if not name:
         raise StoryError(f"malformed character line {raw!r}: the name in [] is empty; {hint}", line=number)
     if name == NO_CHARACTER:
@@ -163,10 +180,18 @@ def _parse_character(raw: str, number: int) -> Character:
             f"write `[{name}] a short description of their looks`",
             line=number,
         )
-    return Character(name=name, description=description, line=number)
+    return Character(name=name, description=description, line=number, photos=tuple(photos))
+
+
+def _photo_path(path: str, photo_dir: str | None) -> str:
+    path = os.path.expanduser(path)
+    return os.path.join(photo_dir, path) if photo_dir and not os.path.isabs(path) else path
 
 
 def _parse_panel(raw: str, number: int, index: int, characters: dict[str, Character]) -> Panel:
+    if _REF_MARKER.search(raw):
+        raise StoryError("a <ref: ...> marker belongs on a character's line (reference photos are per character): "
+                         "[Name] description <ref: photo.jpg>", line=number)
     # Only the last '#' starts the caption, so prompts may contain '#' themselves.
     if "#" in raw:
         prompt_text, caption_text = raw.rsplit("#", 1)
