@@ -23,6 +23,7 @@ import sys
 import threading
 
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
+POSE_TYPES = (".json",)         # OpenPose keypoints, drawn as skeletons
 MAX_IMAGE_SIDE = 4096          # an upload larger than this is refused before it is decoded (decompression bombs)
 DEVICE_QUEUE = "device"        # one concurrency group for every generating event: one run at a time per device
 AUTO = "auto"                  # id length left to the CLI (4, or the most the story allows)
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default: "
                    "anyone with the link can use your machine)")
     p.add_argument("--max-upload-mb", type=float, default=50.0, help="largest accepted upload (default: 50)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="DIR[:SCALE]",
+                   help="a ControlNet for the story model (as `python -m infer.story --controlnet`), loaded at start; "
+                        "repeatable. The page then takes control images per panel")
     add_dtype_argument(p)
     compile_cache.add_argument(p)
     return p
@@ -178,6 +182,7 @@ class StoryApp:
         from storydiff_jax.cli import compute_dtype
         from storydiff_jax.pipelines import StoryPipeline
         from storydiff_jax.pipelines.components import PRESETS
+        from storydiff_jax.pipelines.control import controlnet_config
         from storydiff_jax.pipelines.transition import TransitionPipeline
         from storydiff_jax.pipelines.video_components import load_video_config
 
@@ -193,11 +198,14 @@ class StoryApp:
         if self.story_source not in PRESETS:
             checkpoints.read_index(self.story_source)
         load_video_config(self.video_source)
-        log(f"loading {self.story_source} and {self.video_source} ...")
+        self.controlnets = [infer.story.parse_controlnet_arg(text)[0] for text in args.controlnet]
+        for net in self.controlnets:
+            controlnet_config(net)
+        log(f"loading {', '.join([self.story_source, *self.controlnets, self.video_source])} ...")
         # Loaded in a thread while the caller imports Gradio and builds the page (both take seconds); `ready()`
         # joins it (and re-raises a loading error) before the app takes requests.
         self._loading = concurrent.futures.ThreadPoolExecutor(1).submit(lambda: (
-            StoryPipeline.from_pretrained(self.story_source, dtype=dtype),
+            StoryPipeline.from_pretrained(self.story_source, controlnets=self.controlnets, dtype=dtype),
             TransitionPipeline.from_pretrained(self.video_source, dtype=dtype)))
         self.tiny = self.story_source.startswith("tiny-")
         self.video_tiny = self.video_source.startswith("tiny-")
@@ -229,12 +237,32 @@ class StoryApp:
             return {"model": self.args.video_model} if self.args.video_model else {"preset": self.video_source}
         return {"model": self.args.model} if self.args.model else {"preset": self.story_source}
 
+    def control_flags(self, files: list[str] | None) -> list[str]:
+        """Uploaded control images, named by panel (00.png, 3.json, 3@1.png), as the CLI's --control flags,
+        plus the app's --controlnet flags."""
+        from storydiff_jax.errors import ConfigError
+        from storydiff_jax.pipelines.panel_control import control_file_key, control_files
+
+        files = [f for f in (files or []) if f]
+        for path in files:
+            name = os.path.basename(path)
+            if control_file_key(name) is None:
+                raise ConfigError(f"control image {name}: name each file after the panel it poses: 00.png, 3.json "
+                                  "(OpenPose keypoints), 3@1.png (ControlNet 1)")
+            kind = POSE_TYPES if name.lower().endswith(POSE_TYPES) else IMAGE_TYPES
+            check_upload(path, f"control image {name}", kind, self.max_upload)
+        keys = control_files(files, "control images") if files else {}
+        return ([f"--controlnet={text}" for text in self.args.controlnet]
+                + [f"--control={panel}@{net}={path}" for (panel, net), path in sorted(keys.items())])
+
     # ------------------------------------------------------------------ story
     def run_story(self, text: str, settings: dict, *, save_bank=False, bank_upload: str | None = None,
-                  last_bank: str | None = None, log=print, listener=None) -> dict:
+                  last_bank: str | None = None, control_files: list[str] | None = None, log=print,
+                  listener=None) -> dict:
         """Generate one story with the CLI's run(); returns its folder, files and bank. Raises StoryDiffError.
 
-        settings: StoryOptions values by name (unknown names are refused; None leaves the CLI's default)."""
+        settings: StoryOptions values by name (unknown names are refused; None leaves the CLI's default).
+        control_files: uploaded control images / keypoint JSON named by panel (00.png, 3.json, 3@1.png)."""
         import infer.story
         from storydiff_jax.errors import ConfigError
         from storydiff_jax.pipelines import StoryOptions
@@ -248,7 +276,8 @@ class StoryApp:
         folder = os.path.join(self.out, "stories", name)
         bank_path = os.path.join(self.out, "banks", name + ".npz") if save_bank else None
         argv = (["--story=(web form)", f"--out={folder}", "--quiet"] + StoryOptions.to_argv(settings)
-                + _flags(**self._source_flags(video=False), save_bank=bank_path, load_bank=load_bank))
+                + _flags(**self._source_flags(video=False), save_bank=bank_path, load_bank=load_bank)
+                + self.control_flags(control_files))
         args = self.story_cli.parse_args(argv)
         infer.story.run(args, log, text=text, pipe=self.story_pipe, listener=listener)
         with open(os.path.join(folder, "story.json")) as f:
@@ -315,7 +344,8 @@ def build_ui(app: StoryApp):
 
     # The settings arrive as keyword arguments named like their options (`inputs_kwargs` below), which are
     # also the names of the /story and /transition API parameters.
-    def story_event(text, save_bank, bank_upload, continue_bank, state, progress=gr.Progress(), **settings):
+    def story_event(text, save_bank, bank_upload, continue_bank, state, control_files, progress=gr.Progress(),
+                    **settings):
         state = dict(state or {})
         lines: list[str] = []
         last_bank = state.get("bank") if continue_bank else None
@@ -324,7 +354,8 @@ def build_ui(app: StoryApp):
                                       "bank' first, or upload a bank file"))
         try:
             r = app.run_story(text, form_values(settings), save_bank=save_bank, bank_upload=bank_upload,
-                              last_bank=last_bank, log=lines.append, listener=progress_listener(progress))
+                              last_bank=last_bank, control_files=control_files, log=lines.append,
+                              listener=progress_listener(progress))
         except StoryDiffError as e:
             raise fail(e) from None
         state["run"] = r["folder"]
@@ -383,6 +414,16 @@ def build_ui(app: StoryApp):
                             story_settings |= option_inputs(StoryOptions, group, sd)
                     with gr.Accordion("more settings", open=False):
                         story_settings |= option_inputs(StoryOptions, "more", sd)
+                        # ControlNet: one upload for every panel's map (files named by panel, as --control-dir),
+                        # then the generated settings; without a --controlnet the upload is refused with the fix.
+                        gr.Markdown("**ControlNet: pose and structure per panel**" + (
+                            f" ({', '.join(app.controlnets)})" if app.controlnets else
+                            " (start the app with `--controlnet DIR` to use it)"))
+                        control_files = gr.File(label="control images, named by panel: 00.png, 3.json (OpenPose "
+                                                "keypoints), 3@1.png (for ControlNet 1)", file_count="multiple",
+                                                file_types=list(IMAGE_TYPES + POSE_TYPES), type="filepath",
+                                                elem_id="control-files")
+                        story_settings |= option_inputs(StoryOptions, "control", sd)
                     with gr.Accordion("character bank", open=False):
                         save_bank = gr.Checkbox(False, label="save the character bank of this run",
                                                 elem_id="save-bank")
@@ -414,7 +455,8 @@ def build_ui(app: StoryApp):
                     video = gr.Video(label="video", elem_id="video")
                     video_files = gr.File(label="video + manifest", file_count="multiple")
                     video_log = gr.Textbox(label="log", lines=3)
-        go.click(story_event, [text, save_bank, bank_upload, continue_bank, state], inputs_kwargs=story_settings,
+        go.click(story_event, [text, save_bank, bank_upload, continue_bank, state, control_files],
+                 inputs_kwargs=story_settings,
                  outputs=[panels, pages, run_zip, bank_file, story_log, state, start_panel, end_panel],
                  api_name="story", concurrency_id=DEVICE_QUEUE, concurrency_limit=1)
         go_video.click(transition_event, [source, start_panel, end_panel, start_upload, end_upload, state],
