@@ -1,4 +1,5 @@
-"""A small two-character story shared by the end-to-end tests (7 panels, captions, an [NC] panel)."""
+"""A small two-character story shared by the end-to-end tests (7 panels, captions, an [NC] panel), and OpenPose
+keypoints to pose its panels with (the ControlNet tests)."""
 
 STORY = """[Ana] a girl with a yellow scarf
 [Bo] a small brown dog
@@ -10,17 +11,6 @@ STORY = """[Ana] a girl with a yellow scarf
 [Ana] and [Bo] run to the sea #Wednesday.
 [NC] waves on a beach at night
 [Ana] laughs #The end.
-"""
-
-# Two characters, five panels: id panels 0-3 (id length 2), panel 4 reads both banks.
-STORY5 = """[Ana] a girl with a yellow scarf
-[Bo] a small brown dog
-
-[Ana] reads a book #Monday.
-[Bo] sleeps on a rug
-[Ana] walks in the park #Tuesday.
-[Bo] chases a ball
-[Ana] and [Bo] run to the sea #The end.
 """
 
 # COCO-18 joints of a standing figure in [0, 1] image coordinates (nose, neck, right arm, left arm, right leg,

@@ -12,13 +12,14 @@ import dataclasses
 
 import numpy as np
 import pytest
-from story_samples import STORY5, pose
+from story_samples import STORY as STORY7
+from story_samples import pose
 
 from storydiff_jax.errors import ConfigError
 from storydiff_jax.pipelines import StoryOptions, StoryPipeline
 
-# STORY5 plus an [NC] panel: 0 Ana, 1 Bo, 2 Ana, 3 Bo (id panels), 4 Ana+Bo, 5 [NC] (read).
-STORY = STORY5 + "[NC] waves on a beach at night\n"
+# The shared story's first six panels: 0 Ana, 1 Bo, 2 Ana, 3 Bo (id panels), 4 Ana+Bo, 5 [NC] (read).
+STORY = "".join(STORY7.splitlines(keepends=True)[:9])
 POSED = (0, 1, 3, 4)
 CONTROLS = {**{p: pose(p) for p in POSED}, (1, 1): pose(5), (4, 1): pose(6)}
 BANK = StoryOptions(steps=3, height=64, width=64, id_length=2, control_scale=1.5)
@@ -79,3 +80,7 @@ def test_control_errors(pipe):
         StoryPipeline.from_pretrained("tiny-sdxl", controlnets=["tiny-sd15"])
     with pytest.raises(ConfigError, match="control_start 0.5, control_end 0.5"):
         dataclasses.replace(BANK, control_start=0.5, control_end=0.5)
+    with pytest.raises(ConfigError, match="'sketchy' is neither a number nor one of openpose"):
+        StoryOptions.from_dict({"control_mode": "sketchy"})
+    with pytest.raises(ConfigError, match="canny thresholds must be numbers >= 0"):
+        StoryOptions.from_dict({"canny_low": "-1"})
