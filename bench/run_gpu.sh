@@ -4,7 +4,7 @@
 #   bash bench/run_gpu.sh            # all of them (story, transition, parity, convert, train)
 #   bash bench/run_gpu.sh story      # one of: story | story-bank | story-window | story-torch | story-scaling
 #                                    #         | story-ref | transition | parity | parity-video | csa | controlnet
-#                                    #         | convert | train
+#                                    #         | story-control | convert | train
 #
 # `story` runs the three story modes and the window scaling, then writes the table. The story-* steps run
 # one part each (handy under a per-command time limit) and keep their result in out/bench/story/; a
@@ -34,6 +34,10 @@ parity()        { "$PY" bench/parity_full.py --out docs/parity.md; }   # sd15, s
 csa()           { "$PY" bench/csa_cost.py --preset sdxl --size 1024 --ids 4 --out docs/bench_csa.md; }
 # One SDXL 1024² denoising step with a ControlNet vs plain, lowered only: FLOPs ratio (runs on CPU too).
 controlnet()    { "$PY" bench/controlnet_cost.py --preset sdxl --size 1024 --out docs/bench_story.md; }
+# A story (bank mode, SDXL 1024², 8 panels) with one ControlNet posing every panel vs plain: the story programs'
+# FLOPs per step and, on the GPU, the time.
+story_control() { "$PY" bench/story.py --preset sdxl --height 1024 --width 1024 --steps 35 --panels 8 --id-length 4 \
+                      --characters 1 --modes "" --control --out docs/bench_story.md; }
 parity_video()  { "$PY" bench/parity_full.py --arch video --out docs/parity.md; }
 # The SMP train step at real size (video preset, 16 frames, bf16, 256² and 512²): step time, examples/s, MFU.
 # TRAIN_ARGS adds options, e.g. TRAIN_ARGS="--batch-per-device 2" or "--remat" (512² may need it).
@@ -62,9 +66,10 @@ case "${1:-all}" in
   parity-video) parity_video ;;
   csa) csa ;;
   controlnet) controlnet ;;
+  story-control) story_control ;;
   convert) convert ;;
   train) train ;;
-  all) story; story_ref; transition; parity; convert; train ;;
-  *) echo "usage: bash bench/run_gpu.sh [all|story|story-bank|story-window|story-torch|story-scaling|story-ref|transition|parity|parity-video|csa|controlnet|convert|train]" >&2
+  all) story; story_ref; story_control; transition; parity; convert; train ;;
+  *) echo "usage: bash bench/run_gpu.sh [all|story|story-bank|story-window|story-torch|story-scaling|story-ref|transition|parity|parity-video|csa|controlnet|story-control|convert|train]" >&2
      exit 2 ;;
 esac

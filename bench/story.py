@@ -36,6 +36,12 @@ folder, one random photo per character) in bank mode next to the text-only bank 
 photo / text ratio; and, compile only on abstract weights (runs on CPU at SDXL size), the story's FLOPs with
 and without the identity path (ID encoder once per photo, the fused text encoding once per prompt, the U-Net
 calls the same) and their ratio. Target: the identity path adds at most 10% per story at SDXL size.
+--control: one ControlNet (the preset's own, random weights) posing every panel vs the same story without, in
+its own subprocess: the compiled FLOPs of one denoising step of the write and read programs (`cost_analysis()`
+of the lowered programs, abstract weights: nothing is allocated, so SDXL 1024² runs on a CPU) and, on a GPU (or
+with --control-time), bank-mode story time with and without (denoising phases timed apart). Target (issue
+18): <= 1.45x the plain step for one full ControlNet at SDXL 1024². bench/controlnet_cost.py counts one
+bare U-Net step the same way (no CSA, no story).
 
 --results DIR keeps each mode's result as JSON; with --reuse a later run with the same settings takes the
 stored result instead of running the mode again (to split one measurement over several shorter commands).
@@ -157,6 +163,8 @@ def _settings_key(args, mode: str) -> str:
         fields["torch_threads"] = args.torch_threads
     if mode == "scaling":
         fields["scaling_panels"] = args.scaling_panels
+    if mode == "control":
+        fields["control_time"] = args.control_time
     return settings_key(mode, fields)
 
 
@@ -473,8 +481,149 @@ def torch_worker(args) -> dict:
     return res
 
 
+def control_flops(args, dtype: str) -> dict:
+    """{program: {plain, control} FLOPs} of one denoising step of the write program (one character's id panels)
+    and the read program (--read-batch panels), lowered on abstract weights with and without one ControlNet."""
+    import jax
+    import jax.numpy as jnp
+
+    from storydiff_jax import consistent as csa
+    from storydiff_jax.models.unet import FreeU
+    from storydiff_jax.nn import attention
+    from storydiff_jax.pipelines import StoryPipeline
+    from storydiff_jax.pipelines.components import load_components
+    from storydiff_jax.pipelines.control import load_controlnet
+    from storydiff_jax.pipelines.panel_control import ControlSchedule, PanelControl
+    from storydiff_jax.pipelines.story import Conditioning
+    from storydiff_jax.schedulers import make_sampler
+
+    # CSA attention runs in a loop over query blocks, and XLA's cost analysis counts a loop body once: lowered
+    # for the count with one block (the arithmetic is the same; bench/csa_cost.py does the same).
+    attention.LOGITS_BUDGET = 2 ** 62
+    dt = getattr(jnp, dtype)
+    components = load_components(args.preset, dtype=dt, abstract=True)
+    net = load_controlnet(args.preset, dtype=dt, abstract=True, unet=components.config.unet)
+    cfg = components.config
+    lat = (args.height // cfg.vae.downscale, args.width // cfg.vae.downscale)
+    layout = csa.csa_layout(cfg.unet, lat)
+    sampler = make_sampler("ddim", cfg.scheduler, args.steps)
+    (s,) = csa.draw_write_schedules(args.seed, 1, args.id_length, args.steps, list(layout.tokens),
+                                    (args.height, args.width), csa.CSASettings())
+    spec = jax.ShapeDtypeStruct
+
+    def rows(n, control):
+        pooled = spec((2 * n, cfg.unet.text_embeds_dim), dt) if cfg.unet.is_sdxl else None
+        maps = PanelControl((spec((n, args.height, args.width, 3), jnp.uint8),), (spec((n,), jnp.float32),))
+        return Conditioning(spec((2 * n, 77, cfg.unet.cross_attention_dim), dt), pooled, maps if control else None)
+
+    bank = tuple(spec((args.steps, 1, 2, s.index[L].shape[1], width), dt)
+                 for L, width in zip(layout.tokens, layout.widths))
+    valid = {L: spec((args.steps, 1, s.index[L].shape[1]), jnp.bool_) for L in s.index}
+    def latents(n):
+        return spec((n, *lat, cfg.unet.in_channels), jnp.float32)
+
+    common = (spec((1, 6), jnp.float32), spec((), jnp.float32))
+    one_step = spec((1,), jnp.int32)
+    batch = args.read_batch
+    out = {"write": {}, "read": {}}
+    for name, nets in (("plain", []), ("control", [net])):
+        pipe = StoryPipeline(components, controlnets=nets)
+        schedule = ControlSchedule((spec((args.steps,), jnp.float32),), (None,)) if nets else None
+        calls = {
+            "write": (pipe._write_program(sampler, layout.tokens, FreeU()),
+                      (pipe._unet_state, latents(args.id_length), bank,
+                       spec((), jnp.int32), rows(args.id_length, nets), *common,
+                       (s.index, s.others, s.others_len, s.flips), schedule)),
+            "read": (pipe._read_program(sampler, layout.tokens, FreeU()),
+                     (pipe._unet_state, latents(batch), rows(batch, nets), *common,
+                      bank, valid, spec((batch, 1), jnp.bool_),
+                      spec((batch, args.steps, len(layout.tokens)), jnp.bool_), schedule)),
+        }
+        for program, (fn, call_args) in calls.items():
+            t0 = time.perf_counter()
+            out[program][name] = float(fn.lower(*call_args, steps=one_step).cost_analysis()["flops"])
+            print(f"[control] {program} step, {name}: {out[program][name] / 1e12:.3f} TFLOP "
+                  f"({time.perf_counter() - t0:.0f} s to lower)", flush=True)
+    return out
+
+
+def control_time(args, dtype: str) -> dict:
+    """Bank-mode story time without and with one ControlNet posing every panel (real random weights)."""
+    import jax
+    import jax.numpy as jnp
+    from story_samples import pose
+
+    from storydiff_jax.pipelines import StoryOptions, StoryPipeline
+    from storydiff_jax.pipelines.components import load_components
+    from storydiff_jax.pipelines.control import load_controlnet
+
+    dt = getattr(jnp, dtype)
+    components = load_components(args.preset, dtype=dt, seed=args.seed)
+    net = load_controlnet(args.preset, dtype=dt, seed=args.seed, unet=components.config.unet)
+    text = synthetic_story(args.characters, args.id_length, args.panels)
+    options = StoryOptions(steps=args.steps, height=args.height, width=args.width, seed=args.seed,
+                           id_length=args.id_length, read_batch=args.read_batch)
+    out = {}
+    for name, nets, controls in (("plain", [], None),
+                                 ("control", [net], {p: pose(p) for p in range(args.panels)})):
+        pipe = StoryPipeline(components, controlnets=nets)
+        runs = []
+        for i in range(1 + args.repeat):
+            t0 = time.perf_counter()
+            result = pipe(text, options, controls=controls, progress=False)
+            jax.block_until_ready(result.latents)
+            runs.append((time.perf_counter() - t0, result.info["timings"]))
+            print(f"[control] {name} run {i + 1}: {runs[-1][0]:.2f} s {runs[-1][1]}", flush=True)
+        story_s, phases = min(runs[1:], key=lambda r: r[0])
+        out[name] = {"first_s": runs[0][0], "story_s": story_s, "denoise_s": phases["write_s"] + phases["read_s"],
+                     "phases_s": phases}
+    return out
+
+
+def control_worker(args) -> dict:
+    import jax
+
+    dev = jax.devices()[0]
+    gpu = dev.platform == "gpu"
+    dtype = resolve_dtype(args.dtype, gpu)
+    res = {"mode": "control", "framework": "jax", "backend": dev.platform, "device": dev.device_kind,
+           "jax": jax.__version__, "dtype": dtype, "flops": control_flops(args, dtype)}
+    if gpu or args.control_time:
+        res["time"] = control_time(args, dtype)
+    return res
+
+
+def control_table(results: dict) -> str | None:
+    r = results.get("control")
+    if not r:
+        return None
+    if "error" in r:
+        return f"ControlNet overhead failed: {r['error']}"
+    lines = [f"ControlNet overhead ({r['dtype']}): one ControlNet of the preset's architecture posing every panel "
+             "vs the same story without.", "",
+             "| one denoising step (lowered on abstract weights) | plain TFLOP | + ControlNet TFLOP | ratio |",
+             "|---|---|---|---|"]
+    for program, label in (("write", "write (one character's id panels)"), ("read", "read (a read batch)")):
+        f = r["flops"][program]
+        lines.append(f"| {label} | {f['plain'] / 1e12:.3f} | {f['control'] / 1e12:.3f} | "
+                     f"**{f['control'] / f['plain']:.3f}x** |")
+    t = r.get("time")
+    if t:
+        p, c = t["plain"], t["control"]
+        lines += ["", f"| bank-mode story on {r['device']} | plain | + ControlNet | ratio |", "|---|---|---|---|",
+                  f"| denoising (write + read) | {fmt_s(p['denoise_s'])} | {fmt_s(c['denoise_s'])} | "
+                  f"**{c['denoise_s'] / p['denoise_s']:.3f}x** |",
+                  f"| whole story | {fmt_s(p['story_s'])} | {fmt_s(c['story_s'])} | "
+                  f"{c['story_s'] / p['story_s']:.3f}x |",
+                  f"| first run (compile + run) | {fmt_s(p['first_s'])} | {fmt_s(c['first_s'])} | |"]
+    lines.append("\nTarget (issue 18): <= 1.45x the plain step for one full ControlNet at SDXL 1024² (the step "
+                 "ratio is the denoising-time ratio: both runs make the same calls).")
+    return "\n".join(lines)
+
+
 def run_worker(args) -> int:
-    workers = {"torch": torch_worker, "scaling": scaling_worker, "ref-flops": ref_flops_worker}
+    workers = {"torch": torch_worker, "scaling": scaling_worker, "ref-flops": ref_flops_worker,
+               "control": control_worker}
     work = (lambda: workers[args.worker](args)) if args.worker in workers else (lambda: jax_worker(args, args.worker))
     return write_worker_result("mode", args.worker, work, args.result)
 
@@ -577,9 +726,11 @@ def report(args, argv, results: dict) -> str:
     ok = [r for r in results.values() if "error" not in r]
     gpu = any(r.get("backend") == "gpu" for r in ok)
     devices = sorted({f"{r['framework']} on {r.get('backend')}: {r.get('device')}" for r in ok if "framework" in r})
-    functional = args.preset.startswith("tiny-") or not gpu
+    timed = any(mode in results for mode in args.modes) or "time" in results.get("control", {})
+    functional = (args.preset.startswith("tiny-") or not gpu) and timed
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    title = "CPU / tiny functional run — NOT the target measurement" if functional else "GPU measurement"
+    title = ("CPU / tiny functional run — NOT the target measurement" if functional else
+             "GPU measurement" if timed else "compiled cost only (device-independent)")
     out = [(f"## Story benchmark, {args.preset} {args.height}x{args.width}, {args.steps} steps, {args.panels} panels, "
             f"id length {args.id_length}, {args.characters} character(s) — {title} ({now})"), ""]
     if functional:
@@ -619,6 +770,9 @@ def report(args, argv, results: dict) -> str:
     rt = ref_table(results)
     if rt:
         out += ["", rt]
+    ct = control_table(results)
+    if ct:
+        out += ["", ct]
     bad = [r for r in ok if r.get("pixels", {}).get("std", 1.0) == 0.0 or r.get("pixels", {}).get("mean") != r.get(
         "pixels", {}).get("mean")]
     if bad:
@@ -657,6 +811,9 @@ def parse_args(argv=None):
     p.add_argument("--window-scaling", action="store_true",
                    help="also report the window program's compiled temp bytes for --scaling-panels")
     p.add_argument("--scaling-panels", default="8,64", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--control", action="store_true", help="also measure one ControlNet posing every panel vs "
+                   "plain: compiled FLOPs per step (abstract weights) and, on GPU, story time")
+    p.add_argument("--control-time", action="store_true", help="--control: time the stories on CPU too")
     p.add_argument("--analysis", action="store_true", help="on GPU too: lower every program again for its "
                    "compiled memory analysis (costs one more compilation each)")
     p.add_argument("--out", type=Path, help="append the report (markdown) to this file")
@@ -691,7 +848,7 @@ def main(argv=None) -> int:
     if args.ref:       # photo mode, its text-only side (bank) and the compile-only FLOPs
         modes = (["bank"] if "bank" not in modes else []) + modes + [m for m in REF_MODES if m not in modes]
         args.modes = modes
-    for mode in modes + (["scaling"] if args.window_scaling else []):
+    for mode in modes + (["scaling"] if args.window_scaling else []) + (["control"] if args.control else []):
         results[mode] = spawn(__file__, argv, "mode", mode, results_dir / f"{_settings_key(args, mode)}.json",
                               reuse=args.reuse, torch_side=mode == "torch")
     text = report(args, argv, results)

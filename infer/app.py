@@ -29,6 +29,7 @@ import sys
 import threading
 
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
+POSE_TYPES = (".json",)         # OpenPose keypoints, drawn as skeletons
 MAX_IMAGE_SIDE = 4096          # an upload larger than this is refused before it is decoded (decompression bombs)
 DEVICE_QUEUE = "device"        # one concurrency group for every generating event: one run at a time per device
 AUTO = "auto"                  # id length left to the CLI (4, or the most the story allows)
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(det_10g.onnx, w600k_r50.onnx), run on the uploaded photos")
     ids.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA merged into the "
                      "story model for every story (repeatable; scale default 1); the form can add uploaded ones")
+    p.add_argument("--controlnet", action="append", default=[], metavar="DIR[:SCALE]",
+                   help="a ControlNet for the story model (as `python -m infer.story --controlnet`), loaded at start; "
+                        "repeatable. The page then takes control images per panel")
     add_dtype_argument(p)
     compile_cache.add_argument(p)
     return p
@@ -225,6 +229,7 @@ class StoryApp:
         from storydiff_jax.cli import compute_dtype
         from storydiff_jax.pipelines import StoryPipeline
         from storydiff_jax.pipelines.components import PRESETS
+        from storydiff_jax.pipelines.control import controlnet_config
         from storydiff_jax.pipelines.transition import TransitionPipeline
         from storydiff_jax.pipelines.video_components import load_video_config
 
@@ -240,11 +245,14 @@ class StoryApp:
         if self.story_source not in PRESETS:
             checkpoints.read_index(self.story_source)
         load_video_config(self.video_source)
-        log(f"loading {self.story_source} and {self.video_source} ...")
+        self.controlnets = [infer.story.parse_controlnet_arg(text)[0] for text in args.controlnet]
+        for net in self.controlnets:
+            controlnet_config(net)
+        log(f"loading {', '.join([self.story_source, *self.controlnets, self.video_source])} ...")
         # Loaded in a thread while the caller imports Gradio and builds the page (both take seconds); `ready()`
         # joins it (and re-raises a loading error) before the app takes requests.
         self._loading = concurrent.futures.ThreadPoolExecutor(1).submit(lambda: (
-            StoryPipeline.from_pretrained(self.story_source, dtype=dtype),
+            StoryPipeline.from_pretrained(self.story_source, controlnets=self.controlnets, dtype=dtype),
             TransitionPipeline.from_pretrained(self.video_source, dtype=dtype)))
         # The photo-mode and LoRA inputs fail here too, before serving (the CLI's own checks).
         from storydiff_jax.lora import check_lora_files
@@ -283,15 +291,35 @@ class StoryApp:
             return {"model": self.args.video_model} if self.args.video_model else {"preset": self.video_source}
         return {"model": self.args.model} if self.args.model else {"preset": self.story_source}
 
+    def control_flags(self, files: list[str] | None) -> list[str]:
+        """Uploaded control images, named by panel (00.png, 3.json, 3@1.png), as the CLI's --control flags,
+        plus the app's --controlnet flags."""
+        from storydiff_jax.errors import ConfigError
+        from storydiff_jax.pipelines.panel_control import control_file_key, control_files
+
+        files = [f for f in (files or []) if f]
+        for path in files:
+            name = os.path.basename(path)
+            if control_file_key(name) is None:
+                raise ConfigError(f"control image {name}: name each file after the panel it poses: 00.png, 3.json "
+                                  "(OpenPose keypoints), 3@1.png (ControlNet 1)")
+            kind = POSE_TYPES if name.lower().endswith(POSE_TYPES) else IMAGE_TYPES
+            check_upload(path, f"control image {name}", kind, self.max_upload)
+        keys = control_files(files, "control images") if files else {}
+        return ([f"--controlnet={text}" for text in self.args.controlnet]
+                + [f"--control={panel}@{net}={path}" for (panel, net), path in sorted(keys.items())])
+
     # ------------------------------------------------------------------ story
     def run_story(self, text: str, settings: dict, *, save_bank=False, bank_upload: str | None = None,
                   last_bank: str | None = None, photos: dict[str, list[str]] | None = None,
-                  loras: list[str] | None = None, lora_scale: float = 1.0, log=print, listener=None) -> dict:
+                  loras: list[str] | None = None, lora_scale: float = 1.0, control_files: list[str] | None = None,
+                  log=print, listener=None) -> dict:
         """Generate one story with the CLI's run(); returns its folder, files and bank. Raises StoryDiffError.
 
         settings: StoryOptions values by name (unknown names are refused; None leaves the CLI's default).
         photos: {character: uploaded photo files} (photo mode); loras: uploaded LoRA files, at lora_scale, merged
-        after the app's own --lora ones."""
+        after the app's own --lora ones. control_files: uploaded control images / keypoint JSON named by panel
+        (00.png, 3.json, 3@1.png)."""
         import infer.story
         from storydiff_jax.errors import ConfigError
         from storydiff_jax.pipelines import StoryOptions
@@ -306,7 +334,8 @@ class StoryApp:
         folder = os.path.join(self.out, "stories", name)
         bank_path = os.path.join(self.out, "banks", name + ".npz") if save_bank else None
         argv = (["--story=(web form)", f"--out={folder}", "--quiet"] + StoryOptions.to_argv(settings)
-                + _flags(**self._source_flags(video=False), save_bank=bank_path, load_bank=load_bank))
+                + _flags(**self._source_flags(video=False), save_bank=bank_path, load_bank=load_bank)
+                + self.control_flags(control_files))
         args = self.story_cli.parse_args(argv)
         infer.story.run(args, log, text=text, pipe=self.story_pipe, listener=listener)
         with open(os.path.join(folder, "story.json")) as f:
@@ -402,7 +431,8 @@ def build_ui(app: StoryApp):
 
     # The settings arrive as keyword arguments named like their options (`inputs_kwargs` below), which are
     # also the names of the /story and /transition API parameters.
-    def story_event(text, save_bank, bank_upload, continue_bank, state, progress=gr.Progress(), **settings):
+    def story_event(text, save_bank, bank_upload, continue_bank, state, control_files, progress=gr.Progress(),
+                    **settings):
         state = dict(state or {})
         lines: list[str] = []
         last_bank = state.get("bank") if continue_bank else None
@@ -414,7 +444,7 @@ def build_ui(app: StoryApp):
             photos = slot_photos({k: settings.pop(k) for k in list(settings) if k.startswith("ref_")})
             r = app.run_story(text, form_values(settings), save_bank=save_bank, bank_upload=bank_upload,
                               last_bank=last_bank, photos=photos, loras=loras, lora_scale=lora_scale,
-                              log=lines.append, listener=progress_listener(progress))
+                              control_files=control_files, log=lines.append, listener=progress_listener(progress))
         except StoryDiffError as e:
             raise fail(e) from None
         state["run"] = r["folder"]
@@ -473,6 +503,16 @@ def build_ui(app: StoryApp):
                             story_settings |= option_inputs(StoryOptions, group, sd)
                     with gr.Accordion("more settings", open=False):
                         story_settings |= option_inputs(StoryOptions, "more", sd)
+                        # ControlNet: one upload for every panel's map (files named by panel, as --control-dir),
+                        # then the generated settings; without a --controlnet the upload is refused with the fix.
+                        gr.Markdown("**ControlNet: pose and structure per panel**" + (
+                            f" ({', '.join(app.controlnets)})" if app.controlnets else
+                            " (start the app with `--controlnet DIR` to use it)"))
+                        control_files = gr.File(label="control images, named by panel: 00.png, 3.json (OpenPose "
+                                                "keypoints), 3@1.png (for ControlNet 1)", file_count="multiple",
+                                                file_types=list(IMAGE_TYPES + POSE_TYPES), type="filepath",
+                                                elem_id="control-files")
+                        story_settings |= option_inputs(StoryOptions, "control", sd)
                     if app.args.photomaker:
                         with gr.Accordion("reference photos (PhotoMaker)", open=True):
                             gr.Markdown("Give a character photos: its name, and in the story its class word then "
@@ -518,7 +558,8 @@ def build_ui(app: StoryApp):
                     video = gr.Video(label="video", elem_id="video")
                     video_files = gr.File(label="video + manifest", file_count="multiple")
                     video_log = gr.Textbox(label="log", lines=3)
-        go.click(story_event, [text, save_bank, bank_upload, continue_bank, state], inputs_kwargs=story_settings,
+        go.click(story_event, [text, save_bank, bank_upload, continue_bank, state, control_files],
+                 inputs_kwargs=story_settings,
                  outputs=[panels, pages, run_zip, bank_file, story_log, state, start_panel, end_panel],
                  api_name="story", concurrency_id=DEVICE_QUEUE, concurrency_limit=1)
         go_video.click(transition_event, [source, start_panel, end_panel, start_upload, end_upload, state],

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Self-Attention (StoryDiffusion) on an SDXL or SD1.5 model.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=STORY_FORMAT + "\n\noutputs: DIR/panels/NN.png, DIR/pages/NN.png, DIR/story.json (settings, seed, "
-               "model, timings).\nThe folder is written under a temporary name and renamed when complete.")
+               "model, timings), DIR/control/NN.png (the maps the ControlNets saw).\nThe folder is written under a "
+               "temporary name and renamed when complete.")
     p.add_argument("--story", required=True, help="story script (see format below)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist unless --overwrite)")
     src = p.add_mutually_exclusive_group()
@@ -59,6 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--preset", choices=sorted(PRESETS), help="random-weight model of that shape (default: "
                      "tiny-sdxl when no --model is given)")
     StoryOptions.add_arguments(p.add_argument_group("story settings (written to story.json)"))
+    ctl = p.add_argument_group("ControlNet: pose and structure per panel (see docs/controlnet.md)")
+    ctl.add_argument("--controlnet", action="append", default=[], metavar="DIR[:SCALE]",
+                     help="a ControlNet for the model's architecture: a folder from `python -m convert controlnet` "
+                          "(or a preset), with its own scale (default: --control-scale); repeatable, their "
+                          "residuals are summed")
+    ctl.add_argument("--control", action="append", default=[], metavar="N[@K]=FILE",
+                     help="control map of panel N (numbered from 0, as panels/NN.png) for ControlNet K (default 0): "
+                          "an image (the map itself, or the canny preprocessor's input) or OpenPose keypoint JSON "
+                          "(.json, drawn as a skeleton); repeatable. Panels without one run without ControlNet")
+    ctl.add_argument("--control-dir", metavar="DIR", help="control files named by panel: 03.png, 3.json, 3@1.png "
+                     "(ControlNet 1); a --control for the same panel wins")
     add_dtype_argument(p)
     p.add_argument("--save-bank", metavar="FILE", help="save the characters' banks to FILE (.npz)")
     p.add_argument("--load-bank", metavar="FILE", help="reuse characters from a saved bank instead of generating "
@@ -69,13 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _write_outputs(tmp: str, result, manifest: dict) -> None:
+def _write_outputs(tmp: str, result, manifest: dict, maps=None) -> None:
+    from PIL import Image
+
     os.makedirs(os.path.join(tmp, "panels"))
     os.makedirs(os.path.join(tmp, "pages"))
     for i, img in enumerate(result.panels):
         img.save(os.path.join(tmp, "panels", f"{i:02d}.png"))
     for i, img in enumerate(result.pages):
         img.save(os.path.join(tmp, "pages", f"{i:02d}.png"))
+    if maps is not None and maps.maps:
+        # Named like --control-dir's files: the folder can be handed back to a later run.
+        os.makedirs(os.path.join(tmp, "control"))
+        for key, pixels in sorted(maps.maps.items()):
+            Image.fromarray(pixels).save(os.path.join(tmp, "control", _control_name(key) + ".png"))
     with open(os.path.join(tmp, "story.json"), "w") as f:
         json.dump(manifest, f, indent=2)
 
@@ -86,6 +105,32 @@ def _arch(source: str) -> str:
     from storydiff_jax.pipelines.components import PRESETS
 
     return PRESETS[source].arch if source in PRESETS else checkpoints.read_index(source).get("arch", "")
+def _control_name(key: tuple[int, int]) -> str:
+    panel, net = key
+    return f"{panel:02d}" + (f"@{net}" if net else "")
+
+
+def parse_controlnet_arg(text: str) -> tuple[str, float | None]:
+    """`DIR` or `DIR:SCALE` (a --controlnet value) -> (DIR, SCALE or None)."""
+    source, sep, scale = text.rpartition(":")
+    if sep:
+        try:
+            return source, float(scale)
+        except ValueError:
+            pass                          # a colon inside the path (C:\...), no scale
+    return text, None
+
+
+def control_inputs(args: argparse.Namespace) -> tuple[list[tuple[str, float | None]], dict]:
+    """(the --controlnet sources with their scales, {(panel, ControlNet): file} from --control-dir and --control)."""
+    from storydiff_jax.pipelines.panel_control import control_dir, parse_control_arg
+
+    nets = [parse_controlnet_arg(text) for text in args.controlnet]
+    files = control_dir(args.control_dir) if args.control_dir else {}
+    for text in args.control:
+        key, path = parse_control_arg(text)
+        files[key] = path
+    return nets, files
 
 
 def run(args: argparse.Namespace, log=print, *, text: str | None = None, pipe=None, listener=None) -> str:
@@ -105,7 +150,10 @@ def run(args: argparse.Namespace, log=print, *, text: str | None = None, pipe=No
     from storydiff_jax.outputs import staged_folder
     from storydiff_jax.pipelines import StoryOptions, StoryPipeline
     from storydiff_jax.pipelines.bank import CharacterBank
+    from storydiff_jax.pipelines.components import unet_config
+    from storydiff_jax.pipelines.control import controlnet_config
     from storydiff_jax.pipelines.identity import start_merge_step
+    from storydiff_jax.pipelines.panel_control import ControlMaps, union_modes
     from storydiff_jax.pipelines.progress import Progress
     from storydiff_jax.pipelines.references import plan_references
     from storydiff_jax.story import parse_story
@@ -150,13 +198,34 @@ def run(args: argparse.Namespace, log=print, *, text: str | None = None, pipe=No
                                   "use the same description or drop --load-bank")
     if args.save_bank and options.mode != "bank":   # checked before generating: window mode keeps no bank
         raise ConfigError("--save-bank needs --mode bank (window mode keeps no bank)")
+    # Control maps read, drawn and checked against the story and the ControlNets' configs before any model loads.
+    nets, control_files = control_inputs(args)
+    net_configs = [controlnet_config(net) for net, _ in nets]
+    if pipe is None and nets:
+        model_unet = unet_config(source)
+        for (net, _), config in zip(nets, net_configs):
+            config.check_fits(model_unet, what=f"ControlNet {net}")
+    maps = ControlMaps.prepare(control_files, panels=len(story.panels), nets=len(nets), height=options.height,
+                               width=options.width, preprocessor=options.control_preprocessor,
+                               low=options.canny_low, high=options.canny_high)
+    union_modes(net_configs, options.control_mode, maps)
+    if nets and not maps.maps:
+        log("no control images (--control, --control-dir): every panel runs without the ControlNets")
     options = dataclasses.replace(options, id_length=story.id_length)
     dtype = pipe.components.dtype if pipe is not None else compute_dtype(args.dtype)
     t0 = time.perf_counter()
     if pipe is None:
-        pipe = StoryPipeline.from_pretrained(source, dtype=dtype)
+        pipe = StoryPipeline.from_pretrained(source, controlnets=[net for net, _ in nets], dtype=dtype)
+    elif len(pipe.controlnets) != len(nets):
+        raise ConfigError(f"the loaded pipeline has {len(pipe.controlnets)} ControlNets but {len(nets)} --controlnet "
+                          "were given")
     load_s = time.perf_counter() - t0
-    result = pipe(story, options, bank=bank, progress=Progress(bars=not args.quiet, listener=listener), log=log)
+    scales = [scale for _, scale in nets]
+    result = pipe(story, options, bank=bank, controls=maps, controlnet_scales=scales,
+                  progress=Progress(bars=not args.quiet, listener=listener), log=log)
+    by_panel = {}
+    for (panel, net), file in maps.sources.items():
+        by_panel.setdefault(panel, {})[net] = file
     manifest = {
         "model": pipe.components.source,
         "arch": pipe.config.arch,
@@ -170,13 +239,19 @@ def run(args: argparse.Namespace, log=print, *, text: str | None = None, pipe=No
         "photo_mode": None if plan is None else {
             "photomaker": os.path.abspath(plan.photomaker), "version": plan.version,
             "photos": result.info["photos"], "start_merge_step": result.info["start_merge_step"]},
+        "controlnets": [{"source": net, "scale": options.control_scale if scale is None else scale}
+                        for net, scale in nets],
         "panels": [{"file": f"panels/{p.index:02d}.png", "prompt": p.prompt, "caption": p.caption,
-                    "characters": list(p.characters), "line": p.line} for p in story.panels],
+                    "characters": list(p.characters), "line": p.line,
+                    **({"control": [{"controlnet": net, "source": os.path.abspath(file),
+                                     "map": f"control/{_control_name((p.index, net))}.png"}
+                                    for net, file in sorted(by_panel[p.index].items())]}
+                       if p.index in by_panel else {})} for p in story.panels],
         "pages": [f"pages/{i:02d}.png" for i in range(len(result.pages))],
         "timings": {"load_s": load_s, **result.info["timings"]},
     }
     with staged_folder(out) as tmp:
-        _write_outputs(tmp, result, manifest)
+        _write_outputs(tmp, result, manifest, maps)
         if args.save_bank:
             result.bank.save(args.save_bank)
     log(f"wrote {len(result.panels)} panels to {os.path.join(out, 'panels')} and {len(result.pages)} pages to "

@@ -217,7 +217,13 @@ def _limb_polygon(p: np.ndarray, q: np.ndarray) -> list[tuple[int, int]]:
 
 def control_image(source, height: int, width: int, *, preprocessor: str = "none", low: float = 100,
                   high: float = 200) -> np.ndarray:
-    """A ControlNet input, float32 [height, width, 3] in [0, 1].
+    """A ControlNet input, float32 [height, width, 3] in [0, 1]: `control_map(...) / 255`."""
+    return control_map(source, height, width, preprocessor=preprocessor, low=low, high=high).astype(np.float32) / 255.0
+
+
+def control_map(source, height: int, width: int, *, preprocessor: str = "none", low: float = 100,
+                high: float = 200) -> np.ndarray:
+    """A ControlNet's control map, uint8 [height, width, 3] (what `control_image` divides by 255).
 
     source: an image (path, PIL image or uint8 array) or, for `preprocessor="pose"`, OpenPose keypoint
     JSON (a `.json` path or the parsed dict). A `.json` path implies "pose".
@@ -227,19 +233,23 @@ def control_image(source, height: int, width: int, *, preprocessor: str = "none"
     """
     if preprocessor not in PREPROCESSORS:
         raise ConfigError(f"unknown control preprocessor {preprocessor!r}; use one of {', '.join(PREPROCESSORS)}")
-    is_json = isinstance(source, dict) or (isinstance(source, (str, os.PathLike))
-                                           and os.fspath(source).lower().endswith(".json"))
-    if is_json or preprocessor == "pose":
-        if not is_json:
+    if is_pose_source(source) or preprocessor == "pose":
+        if not is_pose_source(source):
             raise ConfigError("the pose preprocessor draws OpenPose keypoint JSON; pass a .json file (an image is "
                               "taken as a ready pose map with preprocessor 'none')")
         people, canvas = read_pose(source)
-        return draw_pose(people, height, width, canvas).astype(np.float32) / 255.0
+        return draw_pose(people, height, width, canvas)
     image = _as_rgb(source).resize((width, height), Image.Resampling.LANCZOS)
     pixels = np.asarray(image)
     if preprocessor == "canny":
         pixels = canny(pixels, low, high)
-    return pixels.astype(np.float32) / 255.0
+    return pixels
+
+
+def is_pose_source(source) -> bool:
+    """OpenPose keypoints (a parsed dict or a `.json` path) rather than an image."""
+    return isinstance(source, dict) or (isinstance(source, (str, os.PathLike))
+                                        and os.fspath(source).lower().endswith(".json"))
 
 
 def _as_rgb(source) -> Image.Image:

@@ -1,5 +1,6 @@
 """`python -m infer.app` end to end: one app process on the tiny presets (a free localhost port), driven through
-its HTTP API with gradio_client: a 4-panel story (gallery, pages, the run folder as a zip, bank), determinism,
+its HTTP API with gradio_client: a 4-panel story (gallery, pages, the run folder as a zip, bank, a ControlNet
+posing a panel from an uploaded keypoint file), determinism,
 continuing with the saved bank, a transition from two of its panels, a malformed story (the CLI's own error
 line, nothing written), upload checks, and the queue (one run at a time, the next one waits and is told).
 
@@ -79,7 +80,7 @@ class AppServer:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("app")
-    srv = AppServer(root / "out", root / "app.log")
+    srv = AppServer(root / "out", root / "app.log", "--controlnet", "tiny-sdxl")
     yield srv
     srv.stop()
 
@@ -94,7 +95,7 @@ def client(server):
 def story_inputs(text, **overrides):
     values = dict(text=text, style="none", negative="", layout="four-panel", height=128, width=128, steps=8,
                   guidance=5.0, seed=0, id_length="auto", sa32=0.5, sa64=0.5, mode="bank", window=4, sampler="ddim",
-                  freeu=True, save_bank=False, bank_upload=None, continue_bank=False)
+                  freeu=True, save_bank=False, bank_upload=None, continue_bank=False, control_files=None)
     values.update(overrides)
     return values
 
@@ -104,10 +105,29 @@ def _story_files(out):
     return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
 
 
+def pose_file(folder, name):
+    """An OpenPose keypoint file named `name` (named by panel, as the app expects)."""
+    from story_samples import pose
+
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        json.dump(pose(1), f)
+    return path
+
+
 @pytest.fixture(scope="module")
-def first_story(server, client):
+def posed(tmp_path_factory):
+    """The first story's inputs: panel 2 posed by an uploaded keypoint file."""
+    from gradio_client import handle_file
+
+    return dict(id_length="2", control_files=[handle_file(pose_file(tmp_path_factory.mktemp("poses"), "2.json"))],
+                **FAST)
+
+
+@pytest.fixture(scope="module")
+def first_story(server, client, posed):
     t0 = time.perf_counter()
-    result = client.predict(**story_inputs(STORY4, id_length="2", save_bank=True, **FAST), api_name="/story")
+    result = client.predict(**story_inputs(STORY4, save_bank=True, **posed), api_name="/story")
     print(f"first 4-panel story (compiles): {time.perf_counter() - t0:.1f} s")
     return result
 
@@ -126,7 +146,7 @@ def test_story_end_to_end(server, first_story):
         on_disk = sorted(os.path.relpath(os.path.join(d, f), os.path.dirname(folder))
                          for d, _, fs in os.walk(folder) for f in fs)
         assert names == on_disk
-        assert names == sorted([f"{runs[0]}/story.json", f"{runs[0]}/pages/00.png"]
+        assert names == sorted([f"{runs[0]}/story.json", f"{runs[0]}/pages/00.png", f"{runs[0]}/control/02.png"]
                                + [f"{runs[0]}/panels/{i:02d}.png" for i in range(4)])
         for n in names:
             with open(os.path.join(os.path.dirname(folder), n), "rb") as f:
@@ -134,6 +154,8 @@ def test_story_end_to_end(server, first_story):
         manifest = json.loads(z.read(f"{runs[0]}/story.json"))
     assert manifest["model"] == "preset:tiny-sdxl" and manifest["settings"]["steps"] == 3
     assert manifest["settings"]["height"] == 64 and manifest["id_panels"] == {"Ana": [0, 1]}
+    assert manifest["controlnets"] == [{"source": "tiny-sdxl", "scale": 1.0}]
+    assert [p.get("control", [{}])[0].get("map") for p in manifest["panels"]] == [None, None, "control/02.png", None]
     for p in panels:
         assert Image.open(p["image"]).size == (64, 64)
     # The bank went under --out/banks and came back as a download.
@@ -161,8 +183,8 @@ def test_transition_from_story_panels(server, client, first_story):
     assert manifest["settings"]["steps"] == 2 and manifest["frames"] == 4
 
 
-def test_same_seed_same_panels_and_bank_continuation(server, client, first_story):
-    again = client.predict(**story_inputs(STORY4, id_length="2", **FAST), api_name="/story")
+def test_same_seed_same_panels_and_bank_continuation(server, client, first_story, posed):
+    again = client.predict(**story_inputs(STORY4, **posed), api_name="/story")
     for a, b in zip(first_story[0], again[0]):
         assert np.array_equal(np.asarray(Image.open(a["image"])), np.asarray(Image.open(b["image"])))
     # Continue with the bank saved by the first run: Ana is not regenerated (no id panels), the run says so.
@@ -211,6 +233,8 @@ def test_bad_settings_and_uploads(server, client, tmp_path):
         (dict(steps=0), "steps must be a whole number >= 1"),
         (dict(bank_upload=handle_file(__file__)), r"Invalid file type.*\.npz"),   # Gradio's own type check
         (dict(bank_upload=handle_file(str(junk))), "not a readable character bank"),
+        (dict(control_files=[handle_file(pose_file(tmp_path, "pose.json"))]), "name each file after the panel"),
+        (dict(control_files=[handle_file(pose_file(tmp_path, "9.json"))]), "panel 9, but the story has 4 panels"),
     ]
     before = _story_files(server.out)
     for overrides, words in cases:

@@ -42,19 +42,27 @@ def _inputs(unet_config, batch=1, seed=0):
     return emb, noise, images
 
 
-def _ours(unet, nets, sampler, emb, noise, images, settings, *, guess_mode=False, modes=None):
+def _ours(unet, nets, sampler, emb, noise, images, settings, *, guess_mode=False, modes=None, union_per_panel=False,
+          more_images=()):
+    """Our final latents for `images` (and, through the same compiled program, for each of `more_images`)."""
     sdxl = "pooled_prompt_embeds" in emb
-    run, states = denoise_program(unet, nets, sampler, guess_mode=guess_mode)
+    run, states = denoise_program(unet, nets, sampler, guess_mode=guess_mode, union_per_panel=union_per_panel)
     ctx = jnp.concatenate([jnp.asarray(emb["negative_prompt_embeds"]), jnp.asarray(emb["prompt_embeds"])])
     pooled = (jnp.concatenate([jnp.asarray(emb["negative_pooled_prompt_embeds"]),
                                jnp.asarray(emb["pooled_prompt_embeds"])]) if sdxl else None)
     h = 8 * SIDE
     time_ids = jnp.asarray([[h, h, 0, 0, h, h]], jnp.float32) if sdxl else None
-    controls = [Control(images=(jnp.asarray(im.transpose(0, 2, 3, 1)),), scales=jnp.asarray(s.step_scales(STEPS)),
-                        modes=None if modes is None else jnp.asarray(modes))
-                for im, s in zip(images, settings)]
-    x = run(states, controls, jnp.asarray(noise.transpose(0, 2, 3, 1)), ctx, pooled, time_ids, jnp.float32(GUIDANCE))
-    return np.asarray(x).transpose(0, 3, 1, 2)
+
+    def latents(images):
+        controls = [Control(images=(jnp.asarray(im.transpose(0, 2, 3, 1)),), scales=jnp.asarray(s.step_scales(STEPS)),
+                            modes=None if modes is None else jnp.asarray(modes)) for im, s in zip(images, settings)]
+        x = run(states, controls, jnp.asarray(noise.transpose(0, 2, 3, 1)), ctx, pooled, time_ids,
+                jnp.float32(GUIDANCE))
+        return np.asarray(x).transpose(0, 3, 1, 2)
+
+    if more_images:
+        return [latents(images) for images in (images, *more_images)]
+    return latents(images)
 
 
 def _check(ours, ref, what):
@@ -112,8 +120,10 @@ def test_sd15_guess_mode_ddim(tmp_path):
 
 
 def test_sdxl_union_two_panels(tmp_path):
-    """A Union ControlNet (canny mode) on two panels at once: its transformer attends across all four CFG rows
-    (tests/test_controlnet.py), here through the sampler exactly as diffusers' Union pipeline batches them."""
+    """A Union ControlNet (canny mode) on two panels at once. Its transformer attends across the rows of a call
+    (tests/test_controlnet.py): handed all four CFG rows it matches diffusers' Union pipeline batching the two
+    prompts; handed each panel's [uncond, cond] rows alone (`union_per_panel`, what stories do) it matches one
+    diffusers call per panel."""
     unet_ref = torch_unet(UNET_PRESETS["tiny-sdxl"], tmp_path / "unet")
     net_ref = torch_controlnet(PRESETS["tiny-sdxl-union"], tmp_path / "union", seed=5)
     unet, (_, net) = our_unet(UNET_PRESETS["tiny-sdxl"], tmp_path / "unet"), our_controlnet(tmp_path / "union")
@@ -123,11 +133,26 @@ def test_sdxl_union_two_panels(tmp_path):
         vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet_ref,
         controlnet=net_ref, scheduler=diffusers.EulerDiscreteScheduler.from_config(config.to_dict()))
     pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        ref = pipe(**{k: torch.from_numpy(v) for k, v in emb.items()}, latents=torch.from_numpy(noise),
-                   control_image=[torch.from_numpy(images)], control_mode=[3], height=8 * SIDE, width=8 * SIDE,
-                   num_inference_steps=STEPS, guidance_scale=GUIDANCE, controlnet_conditioning_scale=0.8,
-                   control_guidance_start=0.25, control_guidance_end=1.0, output_type="latent").images.numpy()
-    ours = _ours(unet, [net], make_sampler(None, config, STEPS), emb, noise, [images], [ControlSettings(0.8, 0.25)],
-                 modes=[3])
-    _check(ours, ref, "sdxl union, canny mode, two panels, window [0.25, 1]")
+
+    def reference(rows):
+        with torch.no_grad():
+            return pipe(**{k: torch.from_numpy(v[rows]) for k, v in emb.items()},
+                        latents=torch.from_numpy(noise[rows]), control_image=[torch.from_numpy(images[rows])],
+                        control_mode=[3], height=8 * SIDE, width=8 * SIDE, num_inference_steps=STEPS,
+                        guidance_scale=GUIDANCE, controlnet_conditioning_scale=0.8, control_guidance_start=0.25,
+                        control_guidance_end=1.0, output_type="latent").images.numpy()
+
+    settings = [ControlSettings(0.8, 0.25)]
+    # Panel 1's map replaced: with the rows of a call attending to each other, panel 0 moves too.
+    other = images.copy()
+    other[1] = 1.0 - other[1]
+    batched, batched_other = _ours(unet, [net], make_sampler(None, config, STEPS), emb, noise, [images], settings,
+                                   modes=[3], more_images=[[other]])
+    _check(batched, reference(slice(0, 2)), "sdxl union, canny mode, two panels, window [0.25, 1]")
+    assert not np.array_equal(batched[0], batched_other[0]), "batched, a panel depends on its neighbour's map"
+    per_panel, per_panel_other = _ours(unet, [net], make_sampler(None, config, STEPS), emb, noise, [images],
+                                       settings, modes=[3], union_per_panel=True, more_images=[[other]])
+    _check(per_panel, np.concatenate([reference(slice(p, p + 1)) for p in range(2)]),
+           "sdxl union per panel vs one diffusers call per panel")
+    assert np.array_equal(per_panel[0], per_panel_other[0]), "per panel, a neighbour's map must not reach a panel"
+    assert not np.array_equal(per_panel[1], per_panel_other[1])

@@ -116,12 +116,14 @@ def test_form_groups_and_the_generated_gradio_inputs():
     from infer.app import AUTO, form_values, option_inputs
 
     shown = {f.name for f in StoryOptions.option_fields() if f.spec.form}
+    control = {"control_scale", "control_start", "control_end", "guess_mode", "control_mode", "control_preprocessor",
+               "canny_low", "canny_high"}
     assert shown == {"style", "negative", "steps", "guidance", "height", "width", "seed", "id_length", "sa32", "sa64",
-                     "mode", "window", "layout", "sampler", "freeu", "style_strength"}
+                     "mode", "window", "layout", "sampler", "freeu", "style_strength"} | control
     defaults = StoryOptions.defaults(tiny=True)
     with gr.Blocks():
         inputs = {}
-        for group in ("look", "prompt", "size", "sampling", "csa", "more", "photos"):
+        for group in ("look", "prompt", "size", "sampling", "csa", "more", "photos", "control"):
             inputs |= option_inputs(StoryOptions, group, defaults)
         video = option_inputs(TransitionOptions, "main", TransitionOptions.defaults(tiny=True), prefix="video-")
     assert set(inputs) == shown
@@ -130,6 +132,8 @@ def test_form_groups_and_the_generated_gradio_inputs():
     assert inputs["steps"].value == 8 and inputs["height"].value == 128 and inputs["height"].elem_id == "height"
     assert inputs["id_length"].value == AUTO and inputs["id_length"].elem_id == "id-length"
     assert inputs["freeu"].value is True and inputs["sa32"].value == 0.5
+    assert isinstance(inputs["control_scale"], gr.Slider) and inputs["control_mode"].value == AUTO
+    assert "canny" in [c for c, _ in inputs["control_mode"].choices] and inputs["guess_mode"].value is False
     assert set(video) == {"frames", "steps", "seed"} and video["steps"].elem_id == "video-steps"
     assert form_values({"id_length": AUTO, "steps": 3}) == {"id_length": None, "steps": 3}
 

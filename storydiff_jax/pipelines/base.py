@@ -85,15 +85,17 @@ class Pipeline:
             self._programs[key] = builder(*args)
         return self._programs[key]
 
-    def _lora_states(self, components, loras: Sequence[tuple[str, float]], placed: dict[str, tuple], **lora_kw
-                     ) -> dict | None:
+    def _lora_states(self, components, loras: Sequence[tuple[str, float]], placed: dict[str, tuple], *,
+                     inside: dict[str, str] | None = None, **lora_kw) -> dict | None:
         """{name: state} of the models in `placed` ({name: (graph, base state)}, as `_place` made them) with `loras`
         ([(path, scale)]) merged into `components`' weights, or None without LoRAs (the base states serve).
 
         The last set asked for is kept, so runs with the same files (same paths, sizes, modification times and
         scales) merge once; another set replaces it (one merged copy at a time). The merge starts from the
         placed states: weights no LoRA touches stay the same device arrays. The merged models have the base
-        models' graphs, so every compiled program serves both."""
+        models' graphs, so every compiled program serves both. inside: {name: attribute} where the placed module
+        wraps the components' model (the story's `ControlledUNet` holds the U-Net as `.unet` beside its
+        ControlNets, which no LoRA touches)."""
         from ..lora import apply_loras
 
         key = tuple((os.path.abspath(path), *_stamp(path), float(scale)) for path, scale in loras)
@@ -101,9 +103,19 @@ class Pipeline:
             return None
         if self._merged[0] != key:
             self._merged = ((), None)        # free the previous set before merging the next
-            base = dataclasses.replace(components, **{name: nnx.merge(*gs) for name, gs in placed.items()})
+            inside = inside or {}
+            modules = {name: nnx.merge(*gs) for name, gs in placed.items()}
+            base = dataclasses.replace(components, **{name: getattr(m, inside[name]) if name in inside else m
+                                                      for name, m in modules.items()})
             merged = apply_loras(base, list(loras), **lora_kw)
-            self._merged = (key, {name: self._place(getattr(merged, name))[1] for name in placed})
+            states = {}
+            for name, module in modules.items():
+                if name in inside:
+                    setattr(module, inside[name], getattr(merged, name))
+                else:
+                    module = getattr(merged, name)
+                states[name] = self._place(module)[1]
+            self._merged = (key, states)
         return self._merged[1]
 
 

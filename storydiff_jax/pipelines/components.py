@@ -211,3 +211,15 @@ def load_components(source: str, *, dtype=jnp.float32, seed: int = 0, abstract: 
 def load_pipeline(source: str, *, dtype=jnp.float32, seed: int = 0) -> Components:
     """Public entry point: the loaded parts of a converted folder (or preset), ready for a pipeline."""
     return load_components(source, dtype=dtype, seed=seed)
+
+
+def unet_config(source: str) -> UNetConfig:
+    """The U-Net config of a converted folder or preset, read without any weights (to check what must fit it,
+    e.g. ControlNets, before loading)."""
+    if source in PRESETS:
+        return PRESETS[source].unet
+    if not os.path.isdir(source):
+        raise CheckpointError(f"{source}: neither a converted folder nor a preset "
+                              f"({', '.join(PRESETS)}); convert a checkpoint with `python -m convert pipeline`")
+    checkpoints.read_index(source)
+    return UNetConfig.from_dict(checkpoints.read_json(source, "unet/config.json"))

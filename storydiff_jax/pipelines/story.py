@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from PIL import Image
 from .. import consistent as csa
 from ..errors import ConfigError
 from ..models.clip_text import tokenize
+from ..models.controlnet import UNION_MODES, ControlNetModel
 from ..models.unet import FreeU
 from ..options import Options, option
 from ..schedulers import SAMPLERS, Sampler, make_sampler
@@ -38,7 +39,9 @@ from ..story import LAYOUTS, Story, apply_style, get_style, parse_story, style_n
 from .bank import CharacterBank
 from .base import Pipeline, run_steps, timed, to_uint8
 from .components import Components, load_components
+from .control import ControlledUNet, guided_eps, load_controlnet
 from .identity import IdentityEncoder, PhotoMaker, start_merge_step, trigger_owners
+from .panel_control import ControlMaps, ControlSchedule, PanelControl, parse_union_mode, union_modes
 from .progress import Progress, as_progress
 from .references import (
     StoryIdentities,
@@ -86,6 +89,27 @@ class StoryOptions(Options):
                           form="more", widget="radio")
     freeu: bool = option(True, "turn FreeU off (on by default: s1 0.6 s2 0.4 b1 1.1 b2 1.2)", form="more",
                          label="FreeU")
+    # ControlNets (pipelines/panel_control.py): the maps per panel and the ControlNets come with the run.
+    control_scale: float = option(1.0, "ControlNet conditioning scale (a --controlnet DIR:SCALE sets its own)",
+                                  form="control", widget="slider", bounds=(0, 2), step=0.05, label="control scale")
+    control_start: float = option(0.0, "fraction of the denoising steps before which the ControlNets are off",
+                                  form="control", widget="slider", bounds=(0, 1), step=0.05, label="control start")
+    control_end: float = option(1.0, "fraction of the denoising steps after which the ControlNets are off",
+                                form="control", widget="slider", bounds=(0, 1), step=0.05, label="control end")
+    guess_mode: bool = option(False, "ControlNet guess mode: the ControlNets see the prompted half of guidance only, "
+                              "their residuals ramped from 0.1 (shallowest) to 1 (deepest)", form="control",
+                              label="guess mode")
+    control_mode: str | None = option(None, "what a ControlNet-Union's maps are: a control type's name "
+                                      f"({', '.join(UNION_MODES)}) or number",
+                                      default_text="openpose for pose JSON, canny with --control-preprocessor canny",
+                                      choices=tuple(UNION_MODES), strict=False,
+                                      form="control", widget="auto", label="Union control mode")
+    control_preprocessor: str = option("none", "how control images become maps: none (the image is the map: depth, "
+                                       "lineart, a drawn pose...) or canny (its edges); .json keypoints are always "
+                                       "drawn as OpenPose skeletons", choices=("none", "canny"), form="control",
+                                       label="control preprocessor")
+    canny_low: float = option(100.0, "canny preprocessor: low threshold", form="control", label="canny low")
+    canny_high: float = option(200.0, "canny preprocessor: high threshold", form="control", label="canny high")
     read_batch: int | None = option(None, "panels denoised together in the read phase",
                                     default_text="4; rounded up to a multiple of the device count")
     font: str | None = option(None, "TrueType font for captions", default_text="Pillow's built-in font")
@@ -140,6 +164,25 @@ class StoryOptions(Options):
             raise ConfigError(f"style strength {self.style_strength} is outside 0..100; pass a percentage such as "
                               "--style-strength 20")
         check_options(self.photomaker, self.refs, self.face_model, self.face_embeds, self.loras)
+        self._check_control()
+
+    def _check_control(self):
+        if not np.isfinite(self.control_scale):
+            raise ConfigError(f"control_scale must be a finite number, got {self.control_scale}; pass e.g. "
+                              "--control-scale 0.8")
+        if not 0.0 <= self.control_start < self.control_end <= 1.0:
+            raise ConfigError(f"control_start {self.control_start}, control_end {self.control_end}: need 0 <= start "
+                              "< end <= 1 (fractions of the steps); pass e.g. --control-start 0 --control-end 0.8")
+        if self.control_mode is not None:
+            parse_union_mode(self.control_mode)
+        if self.control_preprocessor not in ("none", "canny"):
+            raise ConfigError(f"control_preprocessor {self.control_preprocessor!r} is not none or canny (.json "
+                              "keypoints are always drawn as poses)")
+        if not (np.isfinite(self.canny_low) and np.isfinite(self.canny_high) and min(self.canny_low,
+                                                                                      self.canny_high) >= 0):
+            raise ConfigError(f"canny thresholds must be numbers >= 0, got {self.canny_low} and {self.canny_high}; "
+                              "pass e.g. --canny-low 100 --canny-high 200")
+
 
     def csa(self) -> csa.CSASettings:
         return csa.CSASettings(sa32=self.sa32, sa64=self.sa64)
@@ -153,11 +196,14 @@ class Conditioning:
     For a batch of B panels the rows are [uncond of each panel..., cond of each panel...]; a run's table holds
     every panel (B = the story's panel count) and `select` takes a batch's rows from it. Every field has the
     row axis first, so per-panel conditioning travels with its panel through write, read and window batches
-    (and window chunks) without those phases knowing what it is: a new kind (a control image per panel, a
-    second prompt encoding for late steps) is one more field here and its use in `StoryPipeline._unet_eps`.
+    (and window chunks) without those phases knowing what it is: a new kind (a second prompt encoding for late
+    steps) is one more field here and its use in `StoryPipeline._unet_eps`. `control` is the one field with a
+    row per panel rather than per guidance half (both halves see the same control map).
     """
     context: jax.Array                  # [R, 77, D] text tokens for the cross-attention
     pooled: jax.Array | None = None     # [R, P] SDXL's pooled text embedding (None on SD1.5)
+    control: PanelControl | None = None  # ControlNet maps and weights, [n, ...] per panel (None: no ControlNets)
+
     # Photo mode: a second encoding for the early steps (the text-only one; `context` holds the fused), used by
     # the rows whose step index i <= early_until (-1: never, the rows without an identity).
     early_context: jax.Array | None = None   # [R, 77, D]
@@ -179,9 +225,24 @@ class Conditioning:
 
     def select(self, panels: Sequence[int]) -> Conditioning:
         """The rows of these panels (repeats allowed: padding) from a table of every panel."""
+        panels = np.asarray(panels)
         n = self.context.shape[0] // 2
-        rows = np.concatenate([np.asarray(panels), n + np.asarray(panels)])
-        return jax.tree.map(lambda a: a[rows], self)
+        rows = np.concatenate([panels, n + panels])
+        return self._map(lambda a: a[rows], lambda a: a[panels])
+
+    def chunked(self, n_chunks: int, chunk: int) -> Conditioning:
+        """Rows of n_chunks * chunk panels -> chunk-major: [n_chunks, 2 * chunk, ...] with each chunk's
+        [uncond, cond] rows ([n_chunks, chunk, ...] for the per-panel `control`)."""
+        def guidance_rows(rows):
+            halves = (h.reshape(n_chunks, chunk, *h.shape[1:]) for h in jnp.split(rows, 2))
+            return jnp.concatenate(list(halves), axis=1)
+
+        return self._map(guidance_rows, lambda a: a.reshape(n_chunks, chunk, *a.shape[1:]))
+
+    def _map(self, guidance_rows, panel_rows) -> Conditioning:
+        control = None if self.control is None else jax.tree.map(panel_rows, self.control)
+        return dataclasses.replace(jax.tree.map(guidance_rows, dataclasses.replace(self, control=None)),
+                                   control=control)
 
 
 @dataclass(frozen=True)
@@ -198,6 +259,8 @@ class StoryRun:
     guidance: jax.Array
     key: jax.Array                      # window mode's in-program draws
     progress: Progress
+    control: ControlSchedule | None = None  # the ControlNets' scales per step and Union modes (None: no ControlNets)
+    guess_mode: bool = False            # ControlNet guess mode (a program builder's argument)
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -225,16 +288,22 @@ class StoryPipeline(Pipeline):
     Parameters:
         components: the loaded model parts (`load_components`: a converted folder or a preset name);
             `from_pretrained(source)` loads them and builds the pipeline in one call.
+        controlnets: ControlNets (`pipelines.control.load_controlnet`) that can steer panels; which panels,
+            with which maps, is the call's `controls` (none: every panel runs without them).
         devices: the devices to run on (default: all of them). The weights are replicated on each; panel
             batches are sharded over them.
     Call it with a story (its text, or a parsed `Story`) and `StoryOptions`; it returns a `StoryResult`.
     """
 
-    def __init__(self, components: Components, *, devices=None):
+    def __init__(self, components: Components, *, controlnets: Sequence[ControlNetModel] = (), devices=None):
         super().__init__(devices)
         self.components = components
         self.config = components.config
-        self._unet_graph, self._unet_state = self._place(components.unet)
+        for k, net in enumerate(controlnets):
+            net.config.check_fits(self.config.unet, what=f"ControlNet {k}")
+        self.controlnets = tuple(controlnets)
+        # The U-Net with its ControlNets: one module, one state every denoising program takes first.
+        self._unet_graph, self._unet_state = self._place(ControlledUNet(components.unet, self.controlnets))
         self._vae_graph, self._vae_state = self._place(components.vae)
         self._te_graph, self._te_state = self._place(components.text_encoder)
         if components.text_encoder_2 is not None:
@@ -246,30 +315,44 @@ class StoryPipeline(Pipeline):
         self._faces: tuple[str, Any] | None = None                     # the last face model a run used
 
     @classmethod
-    def from_pretrained(cls, source: str, *, dtype=jnp.float32, seed: int = 0, devices=None) -> StoryPipeline:
-        """A converted folder (`python -m convert pipeline`) or a preset name (`tiny-sdxl`, ...)."""
-        return cls(load_components(source, dtype=dtype, seed=seed), devices=devices)
+    def from_pretrained(cls, source: str, *, controlnets: Sequence[str] = (), dtype=jnp.float32, seed: int = 0,
+                        devices=None) -> StoryPipeline:
+        """A converted folder (`python -m convert pipeline`) or a preset name (`tiny-sdxl`, ...); controlnets:
+        converted ControlNet folders (`python -m convert controlnet`) or ControlNet presets."""
+        components = load_components(source, dtype=dtype, seed=seed)
+        nets = [load_controlnet(net, dtype=dtype, seed=seed + k, unet=components.config.unet)
+                for k, net in enumerate(controlnets)]
+        return cls(components, controlnets=nets, devices=devices)
 
     # ------------------------------------------------------------------ the call
     def __call__(self, story: str | Story, options: StoryOptions = StoryOptions(), *,
-                 bank: CharacterBank | None = None, progress: bool | Progress = True,
+                 bank: CharacterBank | None = None, controls: Mapping | ControlMaps | None = None,
+                 controlnet_scales: Sequence[float | None] | None = None, progress: bool | Progress = True,
                  log=lambda msg: None) -> StoryResult:
         """Generate every panel of `story` and typeset its pages.
 
-        bank: characters from an earlier run (`CharacterBank.load`): they need no id panels. progress: console
-        bars (True), none (False), or a `Progress` of your own (e.g. with a listener). log: receives warnings
-        (e.g. a reference photo without a face). Not for concurrent calls: a run's LoRAs are swapped into the
-        pipeline's weights.
+        bank: characters from an earlier run (`CharacterBank.load`): they need no id panels. controls: control
+        maps per panel for the ControlNets, {panel: source} (ControlNet 0) or {(panel, ControlNet): source}, a
+        source being an image path, a `.json` of OpenPose keypoints, a PIL image or uint8 pixels (or
+        `ControlMaps` already prepared); panels without one run without ControlNet. controlnet_scales: each
+        ControlNet's scale (None: `options.control_scale`). progress: console bars (True), none (False), or
+        a `Progress` of your own (e.g. with a listener). log: receives warnings (e.g. a reference photo without
+        a face). Not for concurrent calls: a run's LoRAs are swapped into the pipeline's weights.
         """
-        # 1. Check the inputs; parse the story (characters of a loaded bank need no id panels).
+        # 1. Check the inputs; parse the story (characters of a loaded bank need no id panels); read the
+        #    control maps.
         story = self.check_inputs(story, options, bank)
+        maps = self.check_controls(story, options, controls)
         # 2. The weights (LoRAs merged) and, in photo mode, each character's identity from its photos; every
-        #    panel's styled prompt and negative prompt, encoded: the conditioning rows.
+        #    panel's styled prompt and negative prompt, encoded, and its control maps: the conditioning rows.
         self._use_weights(options)
         identities = self.encode_identities(story, options, log)
         conditioning = self.encode_story(story, options, identities)
-        # 3. The run's constants: sampler, CSA layout, noise, time ids, guidance, progress.
-        run = self.prepare_run(story, options, conditioning, progress)
+        if self.controlnets:
+            conditioning = dataclasses.replace(conditioning,
+                                               control=maps.panel_control(len(story.panels), len(self.controlnets)))
+        # 3. The run's constants: sampler, CSA layout, noise, time ids, guidance, ControlNet schedule, progress.
+        run = self.prepare_run(story, options, conditioning, progress, maps=maps, controlnet_scales=controlnet_scales)
         # 4. Denoise: id panels write their characters' banks and the other panels read them, or sliding windows.
         timings: dict[str, float] = {}
         new_bank = None
@@ -338,6 +421,21 @@ class StoryPipeline(Pipeline):
         merge_step = start_merge_step(options.style_strength, options.steps)
         return encode_identities(self._identity[1], plan, shown, merge_step, face_embedder=embedder, warn=log)
 
+    def check_controls(self, story: Story, options: StoryOptions, controls: Mapping | ControlMaps | None
+                       ) -> ControlMaps:
+        """The control maps of a run, read, preprocessed and checked against the story and the ControlNets
+        (Union control modes included)."""
+        if isinstance(controls, ControlMaps):
+            maps = controls.checked(panels=len(story.panels), nets=len(self.controlnets), height=options.height,
+                                    width=options.width)
+        else:
+            maps = ControlMaps.prepare(controls or {}, panels=len(story.panels), nets=len(self.controlnets),
+                                       height=options.height, width=options.width,
+                                       preprocessor=options.control_preprocessor, low=options.canny_low,
+                                       high=options.canny_high)
+        union_modes([net.config for net in self.controlnets], options.control_mode, maps)
+        return maps
+
     def encode_story(self, story: Story, options: StoryOptions, identities: StoryIdentities | None = None
                      ) -> Conditioning:
         """Every panel's prompt and negative prompt in its style, encoded: rows [negatives..., prompts...]."""
@@ -373,7 +471,8 @@ class StoryPipeline(Pipeline):
                             early_context=text_ctx, early_pooled=text_pooled, early_until=jnp.asarray(early_until))
 
     def prepare_run(self, story: Story, options: StoryOptions, conditioning: Conditioning,
-                    progress: bool | Progress = False) -> StoryRun:
+                    progress: bool | Progress = False, *, maps: ControlMaps | None = None,
+                    controlnet_scales: Sequence[float | None] | None = None) -> StoryRun:
         sampler = make_sampler(options.sampler, self.config.scheduler, options.steps)
         latent_hw = (options.height // self.config.vae.downscale, options.width // self.config.vae.downscale)
         key = jax.random.key(options.seed)
@@ -384,7 +483,24 @@ class StoryPipeline(Pipeline):
         return StoryRun(story, options, sampler, csa.csa_layout(self.config.unet, latent_hw),
                         FreeU() if options.freeu else None, conditioning, noise,
                         time_ids=jnp.asarray([size + [0, 0] + size], jnp.float32),
-                        guidance=jnp.float32(options.guidance), key=key, progress=as_progress(progress))
+                        guidance=jnp.float32(options.guidance), key=key, progress=as_progress(progress),
+                        control=self._control_schedule(options, maps, controlnet_scales),
+                        guess_mode=bool(self.controlnets) and options.guess_mode)
+
+    def _control_schedule(self, options: StoryOptions, maps: ControlMaps | None,
+                          scales: Sequence[float | None] | None) -> ControlSchedule | None:
+        """The ControlNets' traced settings: scale per step (their own or options.control_scale, inside
+        [control_start, control_end]) and Union modes (checked against each model's control types)."""
+        if not self.controlnets:
+            return None
+        configs = [net.config for net in self.controlnets]
+        scales = list(scales) if scales is not None else [None] * len(configs)
+        if len(scales) != len(configs):
+            raise ConfigError(f"{len(scales)} ControlNet scales for {len(configs)} ControlNets; give one per "
+                              "ControlNet (None: control_scale)")
+        scales = [options.control_scale if scale is None else float(scale) for scale in scales]
+        return ControlSchedule.build(configs, scales, options.control_start, options.control_end, options.steps,
+                                     union_modes(configs, options.control_mode, maps))
 
     # ------------------------------------------------------------------ text
     def encode_prompts(self, prompts: list[str]) -> tuple[jax.Array, jax.Array | None]:
@@ -425,14 +541,15 @@ class StoryPipeline(Pipeline):
         # Per layer [steps, characters, 2 (CFG halves), K_L, C], filled in place one character and step at a time.
         bank = tuple(jnp.zeros((options.steps, len(names), 2, capacity[L], width), self.components.dtype,
                                device=replicated(self.mesh)) for L, width in zip(layout.tokens, layout.widths))
-        write = self._program(self._write_program, run.sampler, layout.tokens, run.freeu)
+        write = self._program(self._write_program, run.sampler, layout.tokens, run.freeu, run.guess_mode)
         latents = {}
         for char, name in enumerate(names):
             panels, s = story.id_panels[name], schedules[char]
             with run.progress.phase(f"write {name}", options.steps):
                 x, bank = run_steps(write, self._unet_state, (run.noise, bank),
                                     (char, run.conditioning.select(panels), run.time_ids, run.guidance,
-                                     (s.index, s.others, s.others_len, s.flips)), options.steps, run.progress)
+                                     (s.index, s.others, s.others_len, s.flips), run.control), options.steps,
+                                    run.progress)
             jax.block_until_ready(x)
             latents.update({p: x[j] for j, p in enumerate(panels)})
         valid = {L: np.stack([s.valid[L] for s in schedules], axis=1) if schedules else
@@ -453,7 +570,8 @@ class StoryPipeline(Pipeline):
                                     options.csa())
         # Rows are sharded over the devices, so the batch is a multiple of their count (padding repeats a panel).
         batch = -(-(options.read_batch or 4) // self.n_devices) * self.n_devices
-        read = self._program(self._read_program, run.sampler, run.layout.tokens, run.freeu, options.bank_offload)
+        read = self._program(self._read_program, run.sampler, run.layout.tokens, run.freeu, options.bank_offload,
+                             run.guess_mode)
         placement = host_memory(self.mesh) if options.bank_offload else replicated(self.mesh)
         tokens, valid = bank.placed(placement).device_arrays()
         latents = {}
@@ -465,7 +583,8 @@ class StoryPipeline(Pipeline):
                 panel_chars = np.array([[name in story.panels[p].characters for name in names] for p in padded])
                 (x,) = run_steps(read, self._unet_state, (put_batch(run.panel_noise(batch), self.mesh),),
                                  (run.conditioning.select(padded), run.time_ids, run.guidance, tokens, valid,
-                                  jnp.asarray(panel_chars), jnp.asarray(flips[padded])), options.steps, run.progress)
+                                  jnp.asarray(panel_chars), jnp.asarray(flips[padded]), run.control), options.steps,
+                                 run.progress)
                 x = np.asarray(x)
                 latents.update({p: jnp.asarray(x[j]) for j, p in enumerate(panels)})
         return latents
@@ -475,10 +594,10 @@ class StoryPipeline(Pipeline):
         options = run.options
         window, chunk, (x0, cond, chars, n_panels) = self._window_inputs(run)
         program = self._program(self._window_program, run.sampler, run.layout.tokens, run.freeu, window, chunk,
-                                run.image_hw, options.csa())
+                                run.image_hw, options.csa(), run.guess_mode)
         with run.progress.phase(f"window {window}, chunk {chunk}", options.steps):
             (x,) = run_steps(program, self._unet_state, (x0,), (cond, run.time_ids, run.guidance, chars, n_panels,
-                                                                 jax.random.fold_in(run.key, 0x3D)),
+                                                                 jax.random.fold_in(run.key, 0x3D), run.control),
                              options.steps, run.progress)
         x = np.asarray(x).reshape(-1, *run.noise.shape[1:])
         return {p: jnp.asarray(x[p]) for p in range(len(run.story.panels))}
@@ -497,14 +616,9 @@ class StoryPipeline(Pipeline):
         chars = np.array([[nm in story.panels[p].characters for nm in names] or [False] for p in order])
         chars[n:] = False            # padding relates to nobody and its windows are invalid
 
-        def chunked(rows):
-            """[uncond all, cond all] rows -> [n_chunks, 2*chunk, ...] with each chunk's [uncond, cond]."""
-            u, c = (h.reshape(n_chunks, chunk, *h.shape[1:]) for h in (rows[: len(order)], rows[len(order):]))
-            return jnp.concatenate([u, c], axis=1)
-
         x0 = run.panel_noise(n_chunks * chunk).reshape(n_chunks, chunk, *run.noise.shape[1:])
         x0 = jax.device_put(x0, NamedSharding(self.mesh, PartitionSpec(None, "data")))
-        cond = jax.tree.map(chunked, run.conditioning.select(order))
+        cond = run.conditioning.select(order).chunked(n_chunks, chunk)
         return window, chunk, (x0, cond, jnp.asarray(chars.reshape(n_chunks, chunk, -1)), jnp.int32(n))
 
     def _decode(self, run: StoryRun, latents: list[jax.Array]) -> list[Image.Image]:
@@ -536,33 +650,38 @@ class StoryPipeline(Pipeline):
                   "text_encoder": (self._te_graph, self._base_states["text_encoder"])}
         if self.components.text_encoder_2 is not None:
             placed["text_encoder_2"] = (self._te2_graph, self._base_states["text_encoder_2"])
-        states = self._lora_states(self.components, lora_list(options.loras, lora), placed) or self._base_states
+        states = self._lora_states(self.components, lora_list(options.loras, lora), placed,
+                                   inside={"unet": "unet"}) or self._base_states
         self._unet_state, self._te_state = states["unet"], states["text_encoder"]
         if self.components.text_encoder_2 is not None:
             self._te2_state = states["text_encoder_2"]
 
     # ------------------------------------------------------------------ programs
-    def _unet_eps(self, unet, sampler, i, x, cond: Conditioning, time_ids, guidance, freeu, hook):
-        """Classifier-free guided model output for latents x [B, ...] and their rows `cond` [uncond B, cond B]."""
+    def _unet_eps(self, models: ControlledUNet, sampler, i, x, cond: Conditioning, time_ids, guidance, freeu, hook,
+                  control: ControlSchedule | None, guess_mode: bool):
+        """Classifier-free guided model output for latents x [B, ...] and their rows `cond` [uncond B, cond B]:
+        `pipelines.control.guided_eps` with this batch's conditioning, its ControlNet rows and the CSA hook.
+        A Union ControlNet sees each panel's rows alone, so a panel's control does not depend on its batch. Photo
+        mode: each row's encoding for step i (`Conditioning.at_step`)."""
         cond = cond.at_step(i)
-        xin = sampler.scale_model_input(jnp.concatenate([x, x]), i)
-        added = {} if cond.pooled is None else {"text_embeds": cond.pooled, "time_ids": time_ids}
-        out = unet(xin, sampler.model_timestep(i), cond.context, freeu=freeu, self_attention=hook, **added)
-        uncond, conditioned = jnp.split(out.astype(jnp.float32), 2)
-        return uncond + guidance * (conditioned - uncond)
+        nets = tuple(models.controlnets)
+        controls = cond.control.controls(control) if nets else ()
+        return guided_eps(models.unet, sampler, i, x, cond.context, cond.pooled, time_ids, guidance, nets=nets,
+                          controls=controls, guess_mode=guess_mode, union_per_panel=True, freeu=freeu,
+                          self_attention=hook)
 
-    def _write_program(self, sampler, layer_tokens, freeu):
+    def _write_program(self, sampler, layer_tokens, freeu, guess_mode=False):
         """One character's id images x [n, ...] (rows [uncond n, cond n]) with the CSA write hook, storing each
         step's sampled tokens in the character's slot `char` of the bank (donated: filled in place).
         draws: the character's WriteSchedule arrays (index, others, others_len, flips), each [steps, ...]."""
-        def run(unet_state, x, bank, char, cond, time_ids, guidance, draws, steps=None):
-            unet = nnx.merge(self._unet_graph, unet_state)
+        def run(unet_state, x, bank, char, cond, time_ids, guidance, draws, control=None, steps=None):
+            models = nnx.merge(self._unet_graph, unet_state)
 
             def step(carry, i):
                 x, bank = carry
                 index, others, others_len, flips = jax.tree.map(lambda a: a[i], draws)
                 hook = csa.WriteHook(layer_tokens, index, others, others_len, flips)
-                eps = self._unet_eps(unet, sampler, i, x, cond, time_ids, guidance, freeu, hook)
+                eps = self._unet_eps(models, sampler, i, x, cond, time_ids, guidance, freeu, hook, control, guess_mode)
                 bank = tuple(b.at[i, char].set(new.astype(b.dtype)) for b, new in zip(bank, hook.bank))
                 return (sampler.step(eps, i, x), bank), None
 
@@ -571,14 +690,14 @@ class StoryPipeline(Pipeline):
 
         return jax.jit(run, donate_argnums=2)
 
-    def _read_program(self, sampler, layer_tokens, freeu, offload=False):
+    def _read_program(self, sampler, layer_tokens, freeu, offload=False, guess_mode=False):
         """Read panels x [B, ...] attending to the banks (per layer [steps, chars, 2, K_L, C]) of the characters
         each names (panel_chars [B, chars]); flips [B, steps, n_layers]. offload: the bank lives in host memory
         and each step's slice is copied in as the loop reaches it."""
         on_device = replicated(self.mesh)
 
-        def run(unet_state, x, cond, time_ids, guidance, bank, valid, panel_chars, flips, steps=None):
-            unet = nnx.merge(self._unet_graph, unet_state)
+        def run(unet_state, x, cond, time_ids, guidance, bank, valid, panel_chars, flips, control=None, steps=None):
+            models = nnx.merge(self._unet_graph, unet_state)
 
             def step(x, i):
                 bank_t = tuple(jax.lax.dynamic_index_in_dim(t, i, keepdims=False) for t in bank)
@@ -586,7 +705,7 @@ class StoryPipeline(Pipeline):
                     bank_t = jax.device_put(bank_t, on_device)
                 hook = csa.ReadHook(layer_tokens, bank_t, {L: v[i] for L, v in valid.items()}, panel_chars,
                                     flips[:, i])
-                eps = self._unet_eps(unet, sampler, i, x, cond, time_ids, guidance, freeu, hook)
+                eps = self._unet_eps(models, sampler, i, x, cond, time_ids, guidance, freeu, hook, control, guess_mode)
                 return sampler.step(eps, i, x), None
 
             steps = jnp.arange(sampler.num_steps) if steps is None else steps
@@ -594,12 +713,13 @@ class StoryPipeline(Pipeline):
 
         return jax.jit(run)
 
-    def _window_program(self, sampler, layer_tokens, freeu, window, chunk, image_hw, settings):
+    def _window_program(self, sampler, layer_tokens, freeu, window, chunk, image_hw, settings, guess_mode=False):
         """Algorithm 1 over the story, `chunk` panels at a time (see consistent.WindowHook).
 
         Inputs are chunk-major: x [n_chunks, chunk, h, w, c] with the panel axis sharded over `data`,
-        cond: Conditioning with leaves [n_chunks, 2*chunk, ...] (each chunk's rows [uncond chunk, cond chunk]),
-        chars [n_chunks, chunk, n_chars] bool, n_panels: the real panels (the rest is padding).
+        cond: Conditioning with leaves [n_chunks, 2*chunk, ...] (each chunk's rows [uncond chunk, cond chunk];
+        its per-panel control [n_chunks, chunk, ...]), chars [n_chunks, chunk, n_chars] bool, n_panels: the real
+        panels (the rest is padding); control: the run's ControlSchedule (None without ControlNets).
         """
         rates = {L: csa.sampling_rate(L, image_hw, settings) for L in sorted(set(layer_tokens))}
         p_csa = np.where(np.arange(sampler.num_steps) < settings.switch_step, settings.p_early, settings.p_late)
@@ -608,8 +728,8 @@ class StoryPipeline(Pipeline):
         downscale = self.config.vae.downscale
         widths = csa.csa_layout(self.config.unet, (image_hw[0] // downscale, image_hw[1] // downscale)).widths
 
-        def run(unet_state, x, cond, time_ids, guidance, chars, n_panels, key, steps=None):
-            unet = nnx.merge(self._unet_graph, unet_state)
+        def run(unet_state, x, cond, time_ids, guidance, chars, n_panels, key, control=None, steps=None):
+            models = nnx.merge(self._unet_graph, unet_state)
             n_chars = chars.shape[-1]
 
             def step(x, i):
@@ -624,7 +744,8 @@ class StoryPipeline(Pipeline):
                     shared = jnp.any(ext[slot][:, :, None, :] & ext[slot][:, None, :, :], axis=-1)
                     valid = (starts >= 0) & (starts + window <= n_panels)
                     hook = csa.WindowHook(layer_tokens, sel, flips, shared, valid, tokens)
-                    eps = self._unet_eps(unet, sampler, i, xc, cond_c, time_ids, guidance, freeu, hook)
+                    eps = self._unet_eps(models, sampler, i, xc, cond_c, time_ids, guidance, freeu, hook, control,
+                                         guess_mode)
                     new = jax.lax.with_sharding_constraint(sampler.step(eps, i, xc), panels)
                     return (tuple(hook.tokens), ext[ext.shape[0] - (window - 1):]), new
 
