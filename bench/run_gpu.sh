@@ -40,7 +40,7 @@ story_control() { "$PY" bench/story.py --preset sdxl --height 1024 --width 1024 
                       --characters 1 --modes "" --control --out docs/bench_story.md; }
 parity_video()  { "$PY" bench/parity_full.py --arch video --out docs/parity.md; }
 # The SMP train step at real size (video preset, 16 frames, bf16, 256² and 512²): step time, examples/s, MFU.
-# TRAIN_ARGS adds options, e.g. TRAIN_ARGS="--batch-per-device 2" or "--remat" (512² may need it).
+# TRAIN_ARGS adds options, e.g. TRAIN_ARGS="--batch-per-device 2" or "--remat none" (the fastest step where memory allows).
 train()         { "$PY" bench/train.py --preset video --resolutions 256,512 --frames 16 --dtype bfloat16 \
                       ${TRAIN_ARGS:-} --out docs/bench_train.md; }
 convert() {

@@ -6,34 +6,23 @@
         --clip ./clip-vit-base-patch32 --modes csa,plain
     python -m infer.evaluate compare out/bench-a out/bench-b out/story/metrics.json
 
-Each command's options are one dataclass below (default, help and checks in one place); the flags are
-generated from it. The metric networks are read from the user's own files on every run (see
+Each command's options are one `storydiff_jax.options` dataclass below (default, help and checks in one
+place); the flags are generated from it. The metric networks are read from the user's own files on every run (see
 convert/metrics.py); nothing has to be converted first. docs/evaluation.md defines every number.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from storydiff_jax.errors import ConfigError
-
-
-def _opt(default, help: str, **meta):
-    """A dataclass field carrying its command-line help (and argparse extras: metavar, choices, type, ...)."""
-    return field(default=default, metadata={"help": help, **meta})
-
-
-def _arg(help: str, *, positional: bool = True, **meta):
-    """A required argument: positional, or a required flag."""
-    return field(metadata={"help": help, "positional": positional, **meta})
-
+from storydiff_jax.options import Options, option
 
 _CLIP_HELP = ("CLIP model: a transformers CLIPModel folder (e.g. openai/clip-vit-large-patch14; "
               "openai/clip-vit-base-patch32 for ConsiStory+ numbers) or an open_clip weights file")
@@ -42,16 +31,17 @@ _CLIP_ACT_HELP = ("activation of an open_clip file (its config is not stored): g
 
 
 @dataclass(frozen=True, kw_only=True)
-class StoryEvalOptions:
-    run_dir: str = _arg("a story run folder written by `python -m infer.story` (its --out)", metavar="RUN_DIR")
-    clip: str | None = _opt(None, _CLIP_HELP + " -> CLIP-T, CLIP-I", metavar="PATH")
-    clip_act: str | None = _opt(None, _CLIP_ACT_HELP, choices=("gelu", "quick_gelu"))
-    dino: str | None = _opt(None, "transformers Dinov2Model folder (e.g. facebook/dinov2-small) -> DINO-I",
+class StoryEvalOptions(Options):
+    run_dir: str = option(help="a story run folder written by `python -m infer.story` (its --out)", positional=True,
+                          metavar="RUN_DIR")
+    clip: str | None = option(None, _CLIP_HELP + " -> CLIP-T, CLIP-I", metavar="PATH")
+    clip_act: str | None = option(None, _CLIP_ACT_HELP, choices=("gelu", "quick_gelu"))
+    dino: str | None = option(None, "transformers Dinov2Model folder (e.g. facebook/dinov2-small) -> DINO-I",
                             metavar="DIR")
-    faces: bool = _opt(False, "face identity of human characters with dlib (needs the face-metrics extra)")
-    masks: str | None = _opt(None, "folder of NN.png subject masks (white = subject), one per single-character "
+    faces: bool = option(False, "face identity of human characters with dlib (needs the face-metrics extra)")
+    masks: str | None = option(None, "folder of NN.png subject masks (white = subject), one per single-character "
                              "panel: CLIP-I and DINO-I then see the subject on noise", metavar="DIR")
-    out: str | None = _opt(None, "metrics file to write (default: RUN_DIR/metrics.json)", metavar="FILE")
+    out: str | None = option(None, "metrics file to write (default: RUN_DIR/metrics.json)", metavar="FILE")
 
     def __post_init__(self):
         if not (self.clip or self.dino or self.faces):
@@ -62,15 +52,16 @@ class StoryEvalOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
-class VideoEvalOptions:
-    path: str = _arg("a clip (.mp4, .gif, a folder of frame_NNNN.png) or a folder of clips", metavar="PATH")
-    clip: str | None = _opt(None, _CLIP_HELP + " -> CLIPSIM-first, CLIPSIM-frames", metavar="PATH")
-    clip_act: str | None = _opt(None, _CLIP_ACT_HELP, choices=("gelu", "quick_gelu"))
-    lpips: str | None = _opt(None, "folder with torchvision's AlexNet weights (alexnet-owt-7be5be79.pth) and the "
+class VideoEvalOptions(Options):
+    path: str = option(help="a clip (.mp4, .gif, a folder of frame_NNNN.png) or a folder of clips", positional=True,
+                       metavar="PATH")
+    clip: str | None = option(None, _CLIP_HELP + " -> CLIPSIM-first, CLIPSIM-frames", metavar="PATH")
+    clip_act: str | None = option(None, _CLIP_ACT_HELP, choices=("gelu", "quick_gelu"))
+    lpips: str | None = option(None, "folder with torchvision's AlexNet weights (alexnet-owt-7be5be79.pth) and the "
                              "lpips package's weights/v0.1/alex.pth -> LPIPS-first, LPIPS-frames", metavar="DIR")
-    out: str | None = _opt(None, "metrics file to write (default: CLIP.metrics.json beside a clip file, "
+    out: str | None = option(None, "metrics file to write (default: CLIP.metrics.json beside a clip file, "
                            "PATH/metrics.json for a folder)", metavar="FILE")
-    quiet: bool = _opt(False, "no progress bar")
+    quiet: bool = option(False, "no progress bar")
 
     def __post_init__(self):
         if not (self.clip or self.lpips):
@@ -110,34 +101,34 @@ def _int_list(text: str, name: str) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class BenchmarkOptions:
-    prompts: str = _arg("prompt file in the ConsiStory+ YAML layout (e.g. examples/benchmark.yaml)",
-                        positional=False, metavar="FILE")
-    out: str = _arg("benchmark folder: runs/, results.json, results.md, charts/ (reused to resume)",
-                    positional=False, metavar="DIR")
-    model: str | None = _opt(None, "converted model folder (`python -m convert pipeline`)", metavar="DIR")
-    preset: str | None = _opt(None, "random-weight model preset instead of --model (plumbing runs: numbers mean "
+class BenchmarkOptions(Options):
+    prompts: str = option(help="prompt file in the ConsiStory+ YAML layout (e.g. examples/benchmark.yaml)",
+                          metavar="FILE")
+    out: str = option(help="benchmark folder: runs/, results.json, results.md, charts/ (reused to resume)",
+                      metavar="DIR")
+    model: str | None = option(None, "converted model folder (`python -m convert pipeline`)", metavar="DIR")
+    preset: str | None = option(None, "random-weight model preset instead of --model (plumbing runs: numbers mean "
                               "nothing)")
-    modes: str = _opt("csa,plain", "comma-separated modes, each entry generated in every one: "
+    modes: str = option("csa,plain", "comma-separated modes, each entry generated in every one: "
                       + "; ".join(f"{k}: {m.help}" for k, m in BENCHMARK_MODES.items()))
-    seeds: str = _opt("42", "comma-separated seeds, the same for every mode (ConsiStory+ uses 42)")
-    limit: int | None = _opt(None, "only the first N entries of the prompt file", type=int, metavar="N")
-    steps: int | None = _opt(None, "denoising steps (default: infer.story's: 35; 8 on tiny presets)", type=int)
-    height: int | None = _opt(None, "image height (default: infer.story's: 768; 128 on tiny presets)", type=int)
-    width: int | None = _opt(None, "image width (default: infer.story's: 768; 128 on tiny presets)", type=int)
-    guidance: float = _opt(5.0, "classifier-free guidance scale", type=float)
-    id_length: int | None = _opt(None, "id panels per entry (default: 4, or the most the entry allows)", type=int)
-    sa32: float = _opt(0.5, "csa/window modes: token sampling rate at 1/32 resolution", type=float)
-    sa64: float = _opt(0.5, "csa/window modes: token sampling rate at other resolutions", type=float)
-    style: str = _opt("none", "infer.story style template (the prompt file's own style phrase is always used)")
-    sampler: str = _opt("ddim", "sampler", choices=("ddim", "euler"))
-    dtype: str | None = _opt(None, "generation dtype (default: bfloat16 on GPU/TPU, float32 on CPU)",
+    seeds: str = option("42", "comma-separated seeds, the same for every mode (ConsiStory+ uses 42)")
+    limit: int | None = option(None, "only the first N entries of the prompt file", metavar="N")
+    steps: int | None = option(None, "denoising steps (default: infer.story's: 35; 8 on tiny presets)")
+    height: int | None = option(None, "image height (default: infer.story's: 768; 128 on tiny presets)")
+    width: int | None = option(None, "image width (default: infer.story's: 768; 128 on tiny presets)")
+    guidance: float = option(5.0, "classifier-free guidance scale")
+    id_length: int | None = option(None, "id panels per entry (default: 4, or the most the entry allows)")
+    sa32: float = option(0.5, "csa/window modes: token sampling rate at 1/32 resolution")
+    sa64: float = option(0.5, "csa/window modes: token sampling rate at other resolutions")
+    style: str = option("none", "infer.story style template (the prompt file's own style phrase is always used)")
+    sampler: str = option("ddim", "sampler", choices=("ddim", "euler"))
+    dtype: str | None = option(None, "generation dtype (default: bfloat16 on GPU/TPU, float32 on CPU)",
                              choices=("float32", "bfloat16", "float16"))
-    clip: str | None = _opt(None, _CLIP_HELP + " -> CLIP-T, CLIP-I", metavar="PATH")
-    clip_act: str | None = _opt(None, _CLIP_ACT_HELP, choices=("gelu", "quick_gelu"))
-    dino: str | None = _opt(None, "transformers Dinov2Model folder -> DINO-I", metavar="DIR")
-    faces: bool = _opt(False, "face identity with dlib (human subjects; needs the face-metrics extra)")
-    quiet: bool = _opt(False, "no progress bar")
+    clip: str | None = option(None, _CLIP_HELP + " -> CLIP-T, CLIP-I", metavar="PATH")
+    clip_act: str | None = option(None, _CLIP_ACT_HELP, choices=("gelu", "quick_gelu"))
+    dino: str | None = option(None, "transformers Dinov2Model folder -> DINO-I", metavar="DIR")
+    faces: bool = option(False, "face identity with dlib (human subjects; needs the face-metrics extra)")
+    quiet: bool = option(False, "no progress bar")
 
     def __post_init__(self):
         if bool(self.model) == bool(self.preset):
@@ -175,10 +166,10 @@ class BenchmarkOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CompareOptions:
-    runs: list = _arg("story run folders, metrics.json files (story or video) or benchmark folders (one column per "
-                      "mode)", metavar="RUN", nargs="+")
-    out: str | None = _opt(None, "also write the table to this Markdown file", metavar="FILE")
+class CompareOptions(Options):
+    runs: tuple[str, ...] = option(help="story run folders, metrics.json files (story or video) or benchmark folders "
+                                   "(one column per mode)", positional=True, metavar="RUN")
+    out: str | None = option(None, "also write the table to this Markdown file", metavar="FILE")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -497,27 +488,6 @@ COMMANDS = {
 }
 
 
-def add_options(parser: argparse.ArgumentParser, cls) -> None:
-    """Flags from an options dataclass: `--name-with-dashes`, help, default shown, booleans as switches."""
-    for f in dataclasses.fields(cls):
-        meta = dict(f.metadata)
-        help_text = meta.pop("help")
-        positional = meta.pop("positional", False)
-        if positional:
-            parser.add_argument(f.name, help=help_text, **meta)
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.default is dataclasses.MISSING:
-            parser.add_argument(flag, required=True, help=help_text, **meta)
-            continue
-        if f.default is False:
-            parser.add_argument(flag, action="store_true", help=help_text, **meta)
-            continue
-        if f.default is not None and "default:" not in help_text:
-            help_text += f" (default: {f.default})"
-        parser.add_argument(flag, default=f.default, help=help_text, **meta)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m infer.evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -527,8 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n" + __doc__.split("\n\n")[1])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (cls, _, help_text, _) in COMMANDS.items():
-        add_options(sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + "."),
-                    cls)
+        cls.add_arguments(sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + "."))
     return p
 
 
@@ -538,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     from storydiff_jax.cli import run_command
 
     def go():
-        work(cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}))
+        work(cls.from_args(args))
 
     return run_command(go, interrupted=interrupted)
 

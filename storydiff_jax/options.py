@@ -34,6 +34,7 @@ class OptionSpec:
     """How one option shows outside Python (kept in the dataclass field's metadata under "option")."""
     help: str
     flag: str | None = ""              # "" -> --name-with-dashes (--no-name for a default-True bool); None: no flag
+    positional: bool = False           # a positional argument instead of a flag (repeated: one or more values)
     choices: Sequence | Callable[[], Sequence] | None = None   # values offered (a callable: looked up late)
     strict: bool = True                # the command line refuses values outside `choices`
     metavar: str | None = None
@@ -69,8 +70,11 @@ class OptionField:
 
     @property
     def flag(self) -> str | None:
+        """The command-line flag (a positional argument: its name), or None when it has none."""
         if self.spec.flag is None:
             return None
+        if self.spec.positional:
+            return self.name
         if self.spec.flag:
             return self.spec.flag
         negated = self.type is bool and self.default is True
@@ -184,13 +188,29 @@ class Options:
         return cls(**{k: v for k, v in (defaults or {}).items() if k not in given}, **given)
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-        """One flag per option that has one. Every flag defaults to None (unset): `from_args` then takes the
-        option's default, or the caller's (e.g. a tiny preset's), so a flag given as 0 stays 0."""
-        for f in cls.option_fields():
+    def add_arguments(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                      only: Sequence[str] | None = None, help: Mapping[str, str] | None = None) -> None:
+        """One flag per option that has one (`only`: just these options; `help`: other help texts for some, e.g.
+        where a command uses an option differently). Every flag defaults to None (unset): `from_args` then takes
+        the option's default, or the caller's (e.g. a tiny preset's), so a flag given as 0 stays 0."""
+        fields = cls.option_fields()
+        if only is not None:
+            unknown = set(only) - {f.name for f in fields}
+            if unknown:
+                raise TypeError(f"{cls.__name__} has no options {sorted(unknown)}")
+            fields = [f for f in fields if f.name in only]
+        for f in fields:
             if f.flag is None:
                 continue
-            kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f.help_text()}
+            text = (help or {}).get(f.name)
+            text = f.help_text() if text is None else text
+            if f.spec.positional:
+                kwargs = {"help": text, "type": f.type, "metavar": f.spec.metavar or f.name.upper()}
+                if f.repeated:
+                    kwargs["nargs"] = "+"
+                parser.add_argument(f.name, **kwargs)
+                continue
+            kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": text}
             if f.repeated:
                 kwargs["action"] = "append"     # the flag once per value
             if f.type is bool and not f.repeated:
@@ -216,7 +236,7 @@ class Options:
     def to_argv(cls, values: Mapping[str, Any]) -> list[str]:
         """The flags that give these settings on the command line (None: leave the option unset). Each value
         rides in its flag's token (`--negative=-blurry`), so a value starting with "-" stays a value."""
-        argv = []
+        argv, positional = [], []
         for name, value in values.items():
             f = cls._field(name)
             if f.flag is None:
@@ -224,14 +244,16 @@ class Options:
             value = f.parse(value)
             if value is None:
                 continue
-            if f.repeated:
+            if f.spec.positional:
+                positional += [str(v) for v in value] if f.repeated else [str(value)]
+            elif f.repeated:
                 argv += [f"{f.flag}={v}" for v in value]
             elif f.type is bool:
                 if value != f.default:
                     argv.append(f.flag)
             else:
                 argv.append(f"{f.flag}={value}")
-        return argv
+        return argv + (["--", *positional] if positional else [])
 
     @classmethod
     def form_fields(cls, group: str) -> list[OptionField]:

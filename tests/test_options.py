@@ -155,3 +155,55 @@ def test_a_new_options_class_gets_all_of_it():
     assert "learning rate (default: 0.1; 0.5 on tiny presets)" in " ".join(p.format_help().split())
     with pytest.raises(SystemExit):
         p.parse_args([])                                  # a setting without a default is a required flag
+
+
+def test_positional_arguments_subsets_and_help_overrides():
+    """Positional options (one value, or one or more for a repeated one), a command that takes a subset of a
+    class's options with its own help texts, and to_argv writing positionals after "--"."""
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Demo(Options):
+        runs: tuple[str, ...] = option(help="run folders", positional=True, metavar="RUN")
+        scale: float = option(1.0, "a scale")
+        out: str | None = option(None, "where to write")
+
+    p = argparse.ArgumentParser()
+    Demo.add_arguments(p)
+    args = p.parse_args(["a", "b", "--scale", "2"])
+    assert Demo.from_args(args) == Demo(runs=("a", "b"), scale=2.0)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--scale", "2"])                    # a positional with one or more values is required
+    argv = Demo.to_argv({"runs": ["-odd", "b"], "out": "x"})
+    assert argv == ["--out=x", "--", "-odd", "b"]
+    assert Demo.from_args(p.parse_args(argv)) == Demo(runs=("-odd", "b"), out="x")
+
+    sub = argparse.ArgumentParser()
+    Demo.add_arguments(sub, only=("scale",), help={"scale": "the other command's words"})
+    text = " ".join(sub.format_help().split())
+    assert "--scale SCALE the other command's words" in text and "RUN" not in text and "--out" not in text
+    with pytest.raises(TypeError, match="no options"):
+        Demo.add_arguments(argparse.ArgumentParser(), only=("nope",))
+
+
+def test_training_and_evaluation_flags_come_from_their_declarations():
+    """`python -m train smp` / `cache-features` and `python -m infer.evaluate` build their flags from TrainConfig
+    and the evaluation option classes: every declared option has its flag, parsed values land typed."""
+    from infer.evaluate import COMMANDS, CompareOptions
+    from infer.evaluate import build_parser as eval_parser
+    from train.__main__ import build_parser, run_config
+    from train.config import TrainConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["smp", "--data-dir", "d", "--workdir", "w", "--preset", "tiny-video", "--steps", "7",
+                              "--lr", "3e-4", "--freeze-motion", "--remat", "full", "--mesh", "data=2,fsdp=4"])
+    assert run_config(args) == TrainConfig(model="tiny-video", data_dir="d", steps=7, lr=3e-4, freeze_motion=True,
+                                           remat="full", mesh="data=2,fsdp=4")
+    smp = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["smp"]
+    flags = {s for a in smp._actions for s in a.option_strings}
+    assert {f.flag for f in TrainConfig.option_fields() if f.flag} <= flags
+    args = parser.parse_args(["cache-features", "--data-dir", "d", "--out", "c", "--model", "m", "--frames", "4"])
+    assert run_config(args) == TrainConfig(model="m", data_dir="d", frames=4)
+    with pytest.raises(ConfigError, match="--frames 1: a transition needs at least 2 frames"):
+        run_config(parser.parse_args(["smp", "--data-dir", "d", "--workdir", "w", "--frames", "1"]))
+    args = eval_parser().parse_args(["compare", "a", "b", "--out", "t.md"])
+    assert COMMANDS["compare"][0].from_args(args) == CompareOptions(runs=("a", "b"), out="t.md")

@@ -8,13 +8,12 @@ import sys
 
 from storydiff_jax import compile_cache
 from storydiff_jax.cli import run_command
-from storydiff_jax.nn.remat import REMAT_MODES
 
 from .config import TrainConfig
 
 DESCRIPTION = """\
 Train the transition-video model's Semantic Motion Predictor together with IP-Adapter-Plus's image projection
-and to_k_ip/to_v_ip layers and the AnimateDiff motion modules (--freeze motion keeps those fixed); the SD1.5
+and to_k_ip/to_v_ip layers and the AnimateDiff motion modules (--freeze-motion keeps those fixed); the SD1.5
 U-Net, VAE, text encoder and CLIP image encoder stay frozen. Loss: epsilon-prediction MSE over all frames,
 with text and image-token dropout for classifier-free guidance; AdamW, warmup + cosine/constant schedule,
 global-norm clipping; batches sharded over a `data` (+ `fsdp`) mesh; orbax checkpoints (params, optimizer,
@@ -60,45 +59,9 @@ def _smp_parser(sub):
     p = sub.add_parser("smp", help="train the SMP (+ image projection, IP layers, motion modules)",
                        description="Train or resume a run. All settings except --mesh, --remat, --save-every, "
                                    "--keep, --log-every must match when resuming in the same --workdir.")
-    p.add_argument("--data-dir", required=True, help="clip folder (index.json + clips/*.npz) or WebVid build")
     p.add_argument("--workdir", required=True, help="checkpoints, logs and TensorBoard events of this run")
-    p.add_argument("--features", metavar="CACHE_DIR", default="",
-                   help="feature cache of --data-dir (`python -m train cache-features`): the step reads the frozen "
-                        "encoders' outputs from it instead of running them")
     _model_args(p)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=8, help="global batch, over all devices and hosts")
-    p.add_argument("--frames", type=int, default=16, help="frames per clip (L); the SMP sees the first and last")
-    p.add_argument("--resolution", type=int, default=256, help="square frame side (multiple of the latent stride)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4, the paper's)")
-    p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
-    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
-    p.add_argument("--weight-decay", type=float, default=1e-2)
-    p.add_argument("--clip-norm", type=float, default=1.0, help="global-norm gradient clipping")
-    p.add_argument("--text-drop", type=float, default=0.1, help="probability of an empty caption (CFG)")
-    p.add_argument("--image-drop", type=float, default=0.1, help="probability of unconditional image tokens (CFG)")
-    p.add_argument("--freeze", action="append", choices=("motion",), default=[],
-                   help="--freeze motion: keep the motion modules fixed")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="compute dtype (trained params stay float32)")
-    p.add_argument("--remat", choices=REMAT_MODES, nargs="?", const="blocks", default=TrainConfig.remat,
-                   help="activation checkpoints in the U-Net's resnets, transformers and motion modules: none (keep "
-                        "everything: fastest, needs ~2x (256²) to ~5x (512²) the memory of blocks), blocks (default: "
-                        "keep block inputs, matmul and conv outputs; recompute the rest and attention logits in "
-                        "query blocks), full (keep only block inputs). The same values either way; may change when "
-                        "resuming (docs/bench_train.md: what fits which chip)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-workers", type=int, default=0,
-                   help="grain worker processes that read and decode the clips (JPEG / H.264 builds: see "
-                        "bench/input.py for how many a device needs); 0 = grain's threads in this process. Which "
-                        "clips a step sees depends on it, so a resumed run keeps it")
-    p.add_argument("--mesh", default="data=auto", help="e.g. data=8 or data=2,fsdp=4 (default: all devices on data)")
-    p.add_argument("--fsdp-min-size", type=int, default=TrainConfig.fsdp_min_size, metavar="N",
-                   help="arrays of at least N elements (weights, Adam moments) shard over the mesh's fsdp axis "
-                        "(default 2^18); the rest are replicated")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
-    p.add_argument("--log-every", type=int, default=10, help="metrics every N steps")
+    TrainConfig.add_arguments(p)
     _distributed_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar; metrics as log lines")
     compile_cache.add_argument(p)
@@ -159,13 +122,13 @@ def _features_parser(sub):
                                    "that frames, resolution, dtype, model and dataset match. OUT is complete once its "
                                    "manifest.json exists; a stopped run keeps its finished shards and the same "
                                    "command resumes. With --distributed every host writes its share of the shards.")
-    p.add_argument("--data-dir", required=True, help="clip folder or WebVid build")
     p.add_argument("--out", required=True, metavar="CACHE_DIR")
     _model_args(p)
-    p.add_argument("--frames", type=int, default=16, help="frames per clip (L), as the training run")
-    p.add_argument("--resolution", type=int, default=256, help="square frame side, as the training run")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="as the training run")
-    p.add_argument("--batch-size", type=int, default=8, help="clips per encoder call (over this host's devices)")
+    TrainConfig.add_arguments(p, only=("data_dir", "frames", "resolution", "dtype", "batch_size"), help={
+        "data_dir": "clip folder or WebVid build", "frames": "frames per clip (L), as the training run (default: 16)",
+        "resolution": "square frame side, as the training run (default: 256)",
+        "dtype": "as the training run (default: float32)",
+        "batch_size": "clips per encoder call (over this host's devices) (default: 8)"})
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
                    help=f"clips per shard (default {DEFAULT_SHARD_SIZE}): the unit a resumed or multi-host run "
                         "skips or shares out")
@@ -182,9 +145,7 @@ def _cache_features(args) -> int:
 
         compile_cache.enable(args.compile_cache)
         _start_distributed(args)
-        cfg = TrainConfig(model=args.model or args.preset or "tiny-video", data_dir=args.data_dir,
-                          frames=args.frames, resolution=args.resolution, dtype=args.dtype,
-                          batch_size=args.batch_size)
+        cfg = run_config(args)
         write_features(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet, shard_size=args.shard_size)
 
     return run_command(work, interrupted="cache-features stopped; the finished shards are kept: the same command "
@@ -220,7 +181,7 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="{smp,export,build-webvid,cache-features}")
@@ -233,6 +194,16 @@ def main(argv=None) -> int:
     e.add_argument("--workdir", required=True)
     e.add_argument("--dst", required=True, metavar="MODEL_DIR")
     e.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def run_config(args) -> TrainConfig:
+    """The TrainConfig of a parsed `smp` or `cache-features` command line (checked by TrainConfig itself)."""
+    return TrainConfig.from_args(args, defaults={"model": args.model or args.preset or "tiny-video"})
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -252,13 +223,7 @@ def main(argv=None) -> int:
 
         compile_cache.enable(args.compile_cache)
         _start_distributed(args)
-        cfg = TrainConfig(model=args.model or args.preset or "tiny-video", data_dir=args.data_dir, steps=args.steps,
-                          batch_size=args.batch_size, frames=args.frames, resolution=args.resolution, lr=args.lr,
-                          warmup=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,
-                          clip_norm=args.clip_norm, text_drop=args.text_drop, image_drop=args.image_drop,
-                          freeze_motion="motion" in args.freeze, dtype=args.dtype, remat=args.remat, seed=args.seed,
-                          data_workers=args.data_workers, mesh=args.mesh, save_every=args.save_every, keep=args.keep,
-                          log_every=args.log_every, features=args.features, fsdp_min_size=args.fsdp_min_size)
+        cfg = run_config(args)
         summary = train(cfg, args.workdir, progress=not args.quiet)
         if summary["preempted"]:
             raise SystemExit(143)   # 128 + SIGTERM: the scheduler sees a preempted, resumable run

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from storydiff_jax.errors import ConfigError
 from storydiff_jax.nn.remat import REMAT_MODES
+from storydiff_jax.options import Options, option
 
 RUN_FILE = "run.json"
 SCHEDULES = ("cosine", "constant")
@@ -20,31 +21,43 @@ RESUMABLE_CHANGES = ("mesh", "remat", "save_every", "keep", "log_every", "fsdp_m
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    model: str                      # preset name (`tiny-video`, `video`) or a `python -m convert video` folder
-    data_dir: str
-    features: str = ""              # a `python -m train cache-features` folder of data_dir ("": encode in-step)
-    steps: int = 1000
-    batch_size: int = 8             # global, over all hosts and devices
-    frames: int = 16                # L: frames per clip; the SMP sees the first and last
-    resolution: int = 256
-    lr: float = 1e-4                # the paper's
-    warmup: int = 100
-    schedule: str = "cosine"        # after warmup: cosine decay to 0 at `steps`, or constant
-    weight_decay: float = 1e-2
-    clip_norm: float = 1.0          # global-norm gradient clipping
-    text_drop: float = 0.1          # classifier-free guidance: caption -> "" with this probability
-    image_drop: float = 0.1         # ... and the frames' image tokens -> the unconditional tokens
-    freeze_motion: bool = False     # keep AnimateDiff's motion modules fixed
-    dtype: str = "float32"          # compute dtype; trainable (master) params stay float32
-    remat: str = "blocks"           # activation checkpoints in the U-Net's blocks: none | blocks | full
-    seed: int = 0
-    data_workers: int = 0           # grain processes reading and decoding clips (0: grain's threads, this process)
-    mesh: str = "data=auto"
-    save_every: int = 500
-    keep: int = 3
-    log_every: int = 10
-    fsdp_min_size: int = 1 << 18    # params with at least this many elements shard over `fsdp`
+class TrainConfig(Options):
+    """One training run's settings, declared once: `python -m train smp` (and `cache-features`, a subset) generate
+    their flags from these fields (`storydiff_jax.options`), `run.json` stores them, resuming compares them."""
+    model: str = option(help="preset name (tiny-video, video) or a `python -m convert video` folder",
+                        flag=None)   # given by --model / --preset (one of the two)
+    data_dir: str = option(help="clip folder (index.json + clips/*.npz) or WebVid build")
+    features: str = option("", "feature cache of --data-dir (`python -m train cache-features`): the step reads the "
+                           "frozen encoders' outputs from it instead of running them", metavar="CACHE_DIR")
+    steps: int = option(1000, "optimizer steps")
+    batch_size: int = option(8, "global batch, over all devices and hosts")
+    frames: int = option(16, "frames per clip (L); the SMP sees the first and last")
+    resolution: int = option(256, "square frame side (a multiple of the latent stride)")
+    lr: float = option(1e-4, "peak learning rate (the paper's)")
+    warmup: int = option(100, "linear warmup steps")
+    schedule: str = option("cosine", "after warmup: cosine decay to 0 at --steps, or constant", choices=SCHEDULES)
+    weight_decay: float = option(1e-2, "AdamW weight decay")
+    clip_norm: float = option(1.0, "global-norm gradient clipping")
+    text_drop: float = option(0.1, "probability of an empty caption (classifier-free guidance)")
+    image_drop: float = option(0.1, "probability of the unconditional image tokens (classifier-free guidance)")
+    freeze_motion: bool = option(False, "keep AnimateDiff's motion modules fixed (train the SMP, image projection "
+                                 "and IP layers only)")
+    dtype: str = option("float32", "compute dtype (trained params stay float32)", choices=DTYPES)
+    remat: str = option("blocks", "activation checkpoints in the U-Net's resnets, transformers and motion modules: "
+                        "none (keep everything: fastest, needs ~2x (256²) to ~5x (512²) the memory of blocks), blocks "
+                        "(keep block inputs, matmul and conv outputs; recompute the rest and attention logits in "
+                        "query blocks), full (keep only block inputs). The same values either way; may change when "
+                        "resuming (docs/bench_train.md: what fits which chip)", choices=REMAT_MODES)
+    seed: int = option(0, "seed of the initialisation, the noise and the data order")
+    data_workers: int = option(0, "grain worker processes that read and decode the clips (JPEG / H.264 builds: see "
+                               "bench/input.py for how many a device needs); 0 = grain's threads in this process. "
+                               "Which clips a step sees depends on it, so a resumed run keeps it")
+    mesh: str = option("data=auto", "device mesh, e.g. data=8 or data=2,fsdp=4 (data=auto: all devices on data)")
+    save_every: int = option(500, "checkpoint every N steps", metavar="N")
+    keep: int = option(3, "checkpoints kept")
+    log_every: int = option(10, "metrics every N steps", metavar="N")
+    fsdp_min_size: int = option(1 << 18, "arrays of at least N elements (weights, Adam moments) shard over the mesh's "
+                                "fsdp axis; the rest are replicated", metavar="N", default_text="2^18")
 
     def __post_init__(self):
         positive = ("steps", "batch_size", "resolution", "save_every", "keep", "log_every", "fsdp_min_size")
@@ -72,9 +85,6 @@ class TrainConfig:
             raise ConfigError(f"--clip-norm must be > 0, got {self.clip_norm}")
         if isinstance(self.data_workers, bool) or not isinstance(self.data_workers, int) or self.data_workers < 0:
             raise ConfigError(f"--data-workers must be a whole number >= 0, got {self.data_workers!r}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     def identity(self) -> dict:
         """The settings that define what the run computes (a resumed run must match them all)."""
