@@ -95,7 +95,8 @@ def client(server):
 def story_inputs(text, **overrides):
     values = dict(text=text, style="none", negative="", layout="four-panel", height=128, width=128, steps=8,
                   guidance=5.0, seed=0, id_length="auto", sa32=0.5, sa64=0.5, mode="bank", window=4, sampler="ddim",
-                  freeu=True, save_bank=False, bank_upload=None, continue_bank=False, control_files=None)
+                  freeu=True, save_bank=False, bank_upload=None, continue_bank=False, control_files=None,
+                  lora_files=None, lora_scale=1.0)
     values.update(overrides)
     return values
 
