@@ -1,7 +1,8 @@
 """StoryPipeline: a story script in, subject-consistent panels and comic pages out.
 
-`__call__` reads as its stages: check the inputs and parse the story; encode every panel's prompts (its
-conditioning rows); prepare the run (one frozen `StoryRun` of the constants every phase shares); denoise;
+`__call__` reads as its stages: check the inputs and parse the story (and read the control maps); swap in the
+run's weights (LoRAs) and encode the identities of photo mode; encode every panel's prompts (its conditioning
+rows, with its control maps); prepare the run (one frozen `StoryRun` of the constants every phase shares); denoise;
 decode; typeset. Denoising follows one of two schedules (`StoryOptions.mode`):
   bank   - write: per character, its id panels denoised together with Consistent Self-Attention, filling the
            character's bank (sampled attention-input tokens per step and layer); read: every other panel, in
@@ -196,9 +197,9 @@ class Conditioning:
     For a batch of B panels the rows are [uncond of each panel..., cond of each panel...]; a run's table holds
     every panel (B = the story's panel count) and `select` takes a batch's rows from it. Every field has the
     row axis first, so per-panel conditioning travels with its panel through write, read and window batches
-    (and window chunks) without those phases knowing what it is: a new kind (a second prompt encoding for late
-    steps) is one more field here and its use in `StoryPipeline._unet_eps`. `control` is the one field with a
-    row per panel rather than per guidance half (both halves see the same control map).
+    (and window chunks) without those phases knowing what it is: a new kind is one more field here and its use
+    in `StoryPipeline._unet_eps` (as photo mode's early encoding and the ControlNet maps were). `control` is the
+    one field with a row per panel rather than per guidance half (both halves see the same control map).
     """
     context: jax.Array                  # [R, 77, D] text tokens for the cross-attention
     pooled: jax.Array | None = None     # [R, P] SDXL's pooled text embedding (None on SD1.5)
