@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -31,6 +32,7 @@ import torch
 import transformers
 from flax import nnx
 from metric_models import (
+    DINO_V1_PREPROCESSOR,
     TorchLPIPS,
     lpips_folder,
     open_clip_state_dict,
@@ -244,6 +246,16 @@ def test_dino_v1_cls_matches_transformers(tmp_path):
                        interpolate_pos_encoding=size != 224).last_hidden_state[:, 0].numpy()
         got = DinoEmbedder(loaded.model, ours_pre).images(images)
         _check_close(got, want, f"DINO v1 CLS at {size} px ({size // 16}x{size // 16} patches, trained 14x14)", 1e-4)
+    # The torchvision-style protocol (shortest side 256, centre crop 224, ImageNet statistics), written into
+    # the folder's file, is read as ViTImageProcessor reads it.
+    edited = {**DINO_V1_PREPROCESSOR, "size": {"shortest_edge": 256}, "do_center_crop": True, "crop_size": 224,
+              "resample": 3, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+    (folder / "preprocessor_config.json").write_text(json.dumps(edited))
+    pre = load_dino(folder).preprocessing
+    assert (pre.resize, pre.crop, pre.resample, pre.keep_aspect) == (256, 224, "bicubic", True)
+    ref_pixels = transformers.AutoImageProcessor.from_pretrained(folder)(list(images), return_tensors="np")
+    _check_close(pre(list(images)), ref_pixels["pixel_values"].transpose(0, 2, 3, 1),
+                 "DINO v1 preprocessing, shortest side 256 + crop 224, vs ViTImageProcessor", 1e-6)
 
 
 def test_dino_wrong_folder_is_one_line(clip, tmp_path):

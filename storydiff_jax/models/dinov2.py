@@ -11,6 +11,10 @@ embeddings of the patches are resized with PyTorch's bicubic interpolation (a = 
 centres, borders clamped), as transformers does on every call. Here the resize is a pair of
 [new, old] matrices computed once from the static shapes (`bicubic_matrix`), so under jit it is two
 small matmuls.
+
+DINO v1 (models/dino_vit.py) is the same ViT without layer scale: it uses `Dinov2Embeddings` and
+`Dinov2Attention` as they are, reading the same config fields (hidden_size, num_heads, qkv_bias,
+patch_size, grid) from its own config.
 """
 
 from __future__ import annotations
