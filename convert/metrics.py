@@ -41,7 +41,7 @@ from storydiff_jax.images import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_ST
 from storydiff_jax.models.clip import CLIPConfig, CLIPModel
 from storydiff_jax.models.clip_text import CLIPTextConfig
 from storydiff_jax.models.dino_vit import DinoViTConfig, DinoViTModel
-from storydiff_jax.models.dinov2 import Dinov2Config, Dinov2Model
+from storydiff_jax.models.dinov2 import DinoBackbone, Dinov2Config, Dinov2Model
 from storydiff_jax.models.lpips import LPIPS
 from storydiff_jax.params import abstract_params, build_with_params
 
@@ -273,7 +273,7 @@ DINO_KINDS = {"dinov2": "dinov2", "vit": "dino-v1 ViT"}
 
 @dataclass
 class LoadedDino:
-    model: Dinov2Model | DinoViTModel
+    model: DinoBackbone          # Dinov2Model or DinoViTModel
     preprocessing: ImagePreprocessing
     kind: str                    # a DINO_KINDS value
 

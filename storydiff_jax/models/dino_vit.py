@@ -10,10 +10,10 @@ A layer: x + attn(layernorm_before(x)), then x + fc2(gelu(fc1(layernorm_after(x)
 scale (DINOv2 added it). The final layernorm's CLS row is the embedding (`last_hidden_state[:, 0]`; the
 ViT pooler, a tanh dense layer on top, is not part of DINO and is not read).
 
-DINOv2 kept v1's ViT around its changes, so the embeddings (patch convolution, CLS token, learned position
+DINOv2 kept v1's ViT around its changes, so everything but the layer is DINOv2's module, used here as it
+is (same computation, same key names): `DinoBackbone` (patch convolution, CLS token, learned position
 embeddings resized with PyTorch's bicubic when the input grid differs from the trained one, as transformers
-does with `interpolate_pos_encoding=True`) and the self-attention are DINOv2's modules, used here as they
-are: same computation, same key names.
+does with `interpolate_pos_encoding=True`; the layers; the final layernorm) and the self-attention.
 """
 
 from __future__ import annotations
@@ -23,16 +23,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from storydiff_jax.errors import ConfigError
 from storydiff_jax.nn.layers import Linear
 from storydiff_jax.nn.norms import LayerNorm
 
-from .dinov2 import Dinov2Attention, Dinov2Embeddings
-
-_HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads"}
+from .dinov2 import DinoBackbone, Dinov2Attention, vit_config_kwargs
 
 
 @dataclass(frozen=True)
@@ -61,14 +58,6 @@ class DinoViTConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DinoViTConfig:
         """A transformers ViTConfig dict (config.json of a ViTModel folder) or our `to_dict`."""
-        kind = d.get("model_type", "vit")
-        if kind != "vit":
-            raise ConfigError(f"DINO ViT: config model_type {kind!r} is not 'vit'; pass a transformers ViTModel "
-                              "folder (e.g. facebook/dino-vits16)")
-        if d.get("hidden_act", "gelu") != "gelu":
-            raise ConfigError(f"DINO ViT: hidden_act {d['hidden_act']!r} is not supported (only gelu, DINO's)")
-        if d.get("num_channels", 3) != 3:
-            raise ConfigError(f"DINO ViT: num_channels {d['num_channels']} is not supported; only RGB (3)")
         d = dict(d)
         for name in ("image_size", "patch_size"):   # ViTConfig allows [height, width]
             value = d.get(name)
@@ -76,12 +65,8 @@ class DinoViTConfig:
                 if len(set(value)) != 1:
                     raise ConfigError(f"DINO ViT: a non-square {name} {list(value)} is not supported")
                 d[name] = value[0]
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names and v is not None}
-        for ours, theirs in _HF_NAMES.items():
-            if d.get(theirs) is not None:
-                kwargs[ours] = d[theirs]
-        return cls(**kwargs)
+        return cls(**vit_config_kwargs(cls, d, what="DINO ViT", model_type="vit",
+                                       folder="ViTModel folder (e.g. facebook/dino-vits16)"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -130,30 +115,8 @@ class DinoViTLayer(nnx.Module):
         return x + self.output.dense(self.intermediate(self.layernorm_after(x)))
 
 
-class DinoViTEncoder(nnx.Module):
-    def __init__(self, config: DinoViTConfig, *, dtype):
-        self.layer = nnx.List([DinoViTLayer(config, dtype=dtype) for _ in range(config.num_layers)])
+class DinoViTModel(DinoBackbone):
+    """DINO v1 as transformers' ViTModel without its pooler: `DinoViTConfig`, `DinoViTLayer`s."""
 
-
-class DinoViTModel(nnx.Module):
-    def __init__(self, config: DinoViTConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
-        self.config = config
-        self.embeddings = Dinov2Embeddings(config, dtype=dtype)
-        self.encoder = DinoViTEncoder(config, dtype=dtype)
-        self.layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype=dtype)
-
-    def __call__(self, pixels: jax.Array) -> jax.Array:
-        """[B, H, W, 3] normalised pixels, sides multiples of the patch -> [B, 1 + N, D] normed hidden states
-        (transformers' `last_hidden_state`). Another size than the config's resizes the position embeddings."""
-        p = self.config.patch_size
-        if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.shape[1] % p or pixels.shape[2] % p:
-            raise ConfigError(f"DINO ViT: pixels of shape {tuple(pixels.shape)}; expected [batch, H, W, 3] with H "
-                              f"and W multiples of the patch size {p}")
-        x = self.embeddings(pixels)
-        for layer in self.encoder.layer:
-            x = layer(x)
-        return self.layernorm(x)
-
-    def cls_embedding(self, pixels: jax.Array) -> jax.Array:
-        """[B, H, W, 3] -> [B, D]: the DINO-I embedding (`last_hidden_state[:, 0]`)."""
-        return self(pixels)[:, 0]
+    layer = DinoViTLayer
+    what = "DINO ViT"
