@@ -8,8 +8,11 @@
   give it, except the activation (exact GELU for LAION weights; `hidden_act="quick_gelu"` for OpenAI's) and
   the vision head count (`convert/clip_vision.OPEN_CLIP_HEADS`); text heads are width / 64 in every
   open_clip config. Without tokenizer files the bundled CLIP vocabulary is used (it is every CLIP's).
-* DINOv2 (DINO-I): a transformers `Dinov2Model` folder (e.g. facebook/dinov2-small); its
-  preprocessor_config.json, when present, gives the resize / crop / statistics.
+* DINO (DINO-I), either kind, recognised by config.json's model_type (`load_dino`): a transformers
+  `Dinov2Model` folder ("dinov2", e.g. facebook/dinov2-small) or a DINO v1 `ViTModel` folder ("vit", e.g.
+  facebook/dino-vits16, DreamBooth's DINO-I). Their preprocessor_config.json, when present, gives the
+  resize / crop / statistics as their processors read it (`BitImageProcessor`: an int size is the shortest
+  side; `ViTImageProcessor`: an int size is both sides, the aspect ratio is not kept, and no crop).
 * LPIPS (video smoothness): a folder holding torchvision's AlexNet state dict (`alexnet-owt-7be5be79.pth`,
   keys `features.{0,3,6,8,10}.*`; the classifier is skipped) and the `lpips` package's linear heads
   (`weights/v0.1/alex.pth`, keys `lin{0..4}.model.1.weight`). A whole saved `lpips.LPIPS` state dict
@@ -37,7 +40,8 @@ from storydiff_jax.errors import CheckpointError, ConfigError
 from storydiff_jax.images import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessing
 from storydiff_jax.models.clip import CLIPConfig, CLIPModel
 from storydiff_jax.models.clip_text import CLIPTextConfig
-from storydiff_jax.models.dinov2 import Dinov2Config, Dinov2Model
+from storydiff_jax.models.dino_vit import DinoViTConfig, DinoViTModel
+from storydiff_jax.models.dinov2 import DinoBackbone, Dinov2Config, Dinov2Model
 from storydiff_jax.models.lpips import LPIPS
 from storydiff_jax.params import abstract_params, build_with_params
 
@@ -64,23 +68,53 @@ def _folder_files(folder: Path, names: tuple[str, ...]) -> list[Path]:
     return []
 
 
-def _read_preprocessing(folder: Path, default: ImagePreprocessing) -> ImagePreprocessing:
-    """The resize/crop/mean/std of a transformers preprocessor_config.json (CLIP's and DINOv2's processors)."""
+# PIL's filter numbers, as transformers' preprocessor_config.json files store `resample`.
+_PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def _read_preprocessing(folder: Path, default: ImagePreprocessing, *, vit: bool = False) -> ImagePreprocessing:
+    """The resize/crop/filter/mean/std of a transformers preprocessor_config.json, read as its processor does.
+
+    CLIP's and DINOv2's processors (vit=False) keep the aspect ratio (an int size is the shortest side) and
+    crop unless do_center_crop is false. `ViTImageProcessor` (vit=True) resizes both sides to an int size or
+    {"height", "width"} (a {"shortest_edge"} size keeps the aspect ratio) and crops only if do_center_crop is
+    true. Settings this pipeline cannot follow are a CheckpointError rather than silently other numbers."""
     path = folder / "preprocessor_config.json"
     if not path.is_file():
         return default
     d = read_json(path)
 
-    def side(value, fallback):
-        if isinstance(value, dict):
-            value = value.get("shortest_edge", value.get("height", fallback))
-        return int(value) if isinstance(value, (int, float)) and value > 0 else fallback
+    def bad(what):
+        return CheckpointError(f"{path}: {what} is not supported; fix the file (e.g. the model's original one)")
 
-    resize = side(d.get("size"), default.resize)
-    crop = side(d.get("crop_size"), default.crop) if d.get("do_center_crop", True) else resize
-    mean = tuple(d.get("image_mean") or default.mean)
-    std = tuple(d.get("image_std") or default.std)
-    return ImagePreprocessing(resize, crop, mean, std)
+    def side(value, fallback):
+        """(pixels, keeps the aspect ratio) of a size entry."""
+        if isinstance(value, dict):
+            if value.get("shortest_edge"):
+                return int(value["shortest_edge"]), True
+            if value.get("height") and value.get("width") and value["height"] != value["width"]:
+                raise bad(f"a non-square size {value['height']}x{value['width']}")
+            value = value.get("height")
+        if isinstance(value, (int, float)) and value > 0:
+            return int(value), not vit
+        return fallback, default.keep_aspect
+
+    if d.get("do_resize") is False:
+        raise bad("do_resize false (images of any size)")
+    if d.get("do_rescale") is False or abs((d.get("rescale_factor") or 1 / 255) - 1 / 255) > 1e-12:
+        raise bad("a rescale other than 1/255")
+    resize, keep_aspect = side(d.get("size"), default.resize)
+    crops = d.get("do_center_crop", not vit)
+    crop = side(d.get("crop_size"), default.crop)[0] if crops else resize
+    resample = d.get("resample", None)
+    if resample is not None and resample not in _PIL_FILTERS:
+        raise bad(f"resample {resample!r}")
+    if d.get("do_normalize") is False:
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    else:
+        mean = tuple(d.get("image_mean") or default.mean)
+        std = tuple(d.get("image_std") or default.std)
+    return ImagePreprocessing(resize, crop, mean, std, _PIL_FILTERS.get(resample, default.resample), keep_aspect)
 
 
 def _bundled_tokenizer():
@@ -228,38 +262,89 @@ def load_clip(src: str | os.PathLike, *, hidden_act: str | None = None, vision_h
 
 
 # ----------------------------------------------------------------------------------------------------
-# DINOv2
+# DINO: DINOv2 (transformers Dinov2Model) and DINO v1 (transformers ViTModel)
 
-_DINO_WHAT = "DINOv2 model"
+_DINO_WHAT = "DINO model"
+_DINO_HINT = ("pass a transformers Dinov2Model folder (e.g. facebook/dinov2-small) or a DINO v1 ViTModel folder "
+              "(e.g. facebook/dino-vits16)")
+# config.json's model_type -> the kind recorded in metrics.json (so tables never mix the two silently).
+DINO_KINDS = {"dinov2": "dinov2", "vit": "dino-v1 ViT"}
+
+
+@dataclass
+class LoadedDino:
+    model: DinoBackbone          # Dinov2Model or DinoViTModel
+    preprocessing: ImagePreprocessing
+    kind: str                    # a DINO_KINDS value
+
+
+def _dino_config(src: Path, what: str, config_cls):
+    if not (src / "config.json").is_file():
+        raise CheckpointError(f"{what}: {src} has no config.json; {_DINO_HINT}")
+    try:
+        return config_cls.from_dict(read_json(src / "config.json"))
+    except ConfigError as e:
+        raise CheckpointError(f"{what}: {src}: {e}") from None
+
+
+def _load_dino_weights(src: Path, what: str, model_cls, config, prefix: str, dtype):
+    """The transformers folder's weights into `model_cls(config)`. A model saved inside a bigger one (a
+    classifier) prefixes its keys with `prefix`; mask tokens, classifier and pooler are not DINO-I's."""
+    files = _folder_files(src, _HF_WEIGHTS)
+    if not files:
+        raise CheckpointError(f"{what}: no model.safetensors or pytorch_model.bin in {src}")
+    tensors = renamed(_Checkpoint(files).tensors(), lambda k, a: [(k.removeprefix(prefix), a)])
+    params = convert_tensors(tensors, abstract_params(lambda: model_cls(config)), what=what,
+                             ignore=("embeddings.mask_token", "classifier.", "pooler."))
+    return build_with_params(lambda: model_cls(config, dtype=dtype), params, dtype=dtype, what=what)
+
+
+def _check_crop(what: str, pre: ImagePreprocessing, patch: int) -> None:
+    if pre.crop % patch:
+        raise CheckpointError(f"{what}: the {pre.crop} px input is not a multiple of the patch size {patch}; "
+                              "fix preprocessor_config.json")
 
 
 def load_dinov2(src: str | os.PathLike, *, dtype=jnp.float32) -> tuple[Dinov2Model, ImagePreprocessing]:
     """A transformers Dinov2Model folder -> (model, preprocessing: shortest side 256, crop 224, ImageNet
     statistics unless its preprocessor_config.json says otherwise)."""
-    src = Path(src)
-    if not (src / "config.json").is_file():
-        raise CheckpointError(f"{_DINO_WHAT}: {src} has no config.json; pass a transformers Dinov2Model folder "
-                              "(e.g. facebook/dinov2-small)")
-    d = read_json(src / "config.json")
-    try:
-        config = Dinov2Config.from_dict(d)
-    except ConfigError as e:
-        raise CheckpointError(f"{_DINO_WHAT}: {src}: {e}") from None
-    files = _folder_files(src, _HF_WEIGHTS)
-    if not files:
-        raise CheckpointError(f"{_DINO_WHAT}: no model.safetensors or pytorch_model.bin in {src}")
-    ckpt = _Checkpoint(files)
-    # Dinov2Model saved inside a bigger model (e.g. a classifier) prefixes its keys with `dinov2.`.
-    tensors = renamed(ckpt.tensors(), lambda k, a: [(k.removeprefix("dinov2."), a)])
-    expected = abstract_params(lambda: Dinov2Model(config))
-    params = convert_tensors(tensors, expected, what=_DINO_WHAT,
-                             ignore=("embeddings.mask_token", "classifier.", "pooler."))
-    model = build_with_params(lambda: Dinov2Model(config, dtype=dtype), params, dtype=dtype, what=_DINO_WHAT)
+    src, what = Path(src), "DINOv2 model"
+    config = _dino_config(src, what, Dinov2Config)
+    model = _load_dino_weights(src, what, Dinov2Model, config, "dinov2.", dtype)
     pre = _read_preprocessing(src, ImagePreprocessing(256, 224, IMAGENET_MEAN, IMAGENET_STD))
-    if pre.crop % config.patch_size:
-        raise CheckpointError(f"{_DINO_WHAT}: the {pre.crop} px crop is not a multiple of the patch size "
-                              f"{config.patch_size}; fix preprocessor_config.json")
+    _check_crop(what, pre, config.patch_size)
     return model, pre
+
+
+def load_dino_vit(src: str | os.PathLike, *, dtype=jnp.float32) -> tuple[DinoViTModel, ImagePreprocessing]:
+    """A DINO v1 transformers ViTModel folder -> (model, preprocessing as its `ViTImageProcessor` does it:
+    both sides to 224 px, bilinear, mean = std = 0.5 unless its preprocessor_config.json says otherwise).
+    A size other than the config's image_size runs with resized position embeddings."""
+    src, what = Path(src), "DINO v1 ViT model"
+    config = _dino_config(src, what, DinoViTConfig)
+    model = _load_dino_weights(src, what, DinoViTModel, config, "vit.", dtype)
+    default = ImagePreprocessing(224, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear", keep_aspect=False)
+    pre = _read_preprocessing(src, default, vit=True)
+    _check_crop(what, pre, config.patch_size)
+    return model, pre
+
+
+def load_dino(src: str | os.PathLike, *, dtype=jnp.float32) -> LoadedDino:
+    """Either DINO for DINO-I, by config.json's model_type: "dinov2" (`load_dinov2`) or "vit" (`load_dino_vit`)."""
+    src = Path(src)
+    if not src.is_dir():
+        raise CheckpointError(f"{_DINO_WHAT}: {src} is not a folder; {_DINO_HINT}")
+    if not (src / "config.json").is_file():
+        raise CheckpointError(f"{_DINO_WHAT}: {src} has no config.json; {_DINO_HINT}")
+    d = read_json(src / "config.json")
+    model_type = d.get("model_type")
+    if model_type not in DINO_KINDS:
+        kind = model_type or ", ".join(d.get("architectures") or []) or "unknown"
+        raise CheckpointError(f"{_DINO_WHAT}: {src} is not a DINO model (its config.json says {kind!r}); "
+                              f"{_DINO_HINT}")
+    load = load_dinov2 if model_type == "dinov2" else load_dino_vit
+    model, pre = load(src, dtype=dtype)
+    return LoadedDino(model, pre, DINO_KINDS[model_type])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """`python -m infer.evaluate`: measure stories and transitions with the published consistency metrics.
 
-    python -m infer.evaluate story out/story --clip ./clip-vit-large-patch14 [--dino ./dinov2-small] [--faces]
+    python -m infer.evaluate story out/story --clip ./clip-vit-large-patch14 [--dino ./dino-vits16] [--faces]
     python -m infer.evaluate video out/walk.mp4 --clip ./clip-vit-large-patch14 --lpips ./lpips-alex
     python -m infer.evaluate benchmark --model ./sdxl-jax --prompts examples/benchmark.yaml --out out/bench \\
         --clip ./clip-vit-base-patch32 --modes csa,plain
@@ -26,6 +26,8 @@ from storydiff_jax.options import Options, option
 
 _CLIP_HELP = ("CLIP model: a transformers CLIPModel folder (e.g. openai/clip-vit-large-patch14; "
               "openai/clip-vit-base-patch32 for ConsiStory+ numbers) or an open_clip weights file")
+_DINO_HELP = ("DINO model: a DINO v1 transformers ViTModel folder (facebook/dino-vits16: DreamBooth's DINO-I, as "
+              "published) or a Dinov2Model folder (e.g. facebook/dinov2-small) -> DINO-I")
 _CLIP_ACT_HELP = ("activation of an open_clip file (its config is not stored): gelu for LAION weights (default), "
                   "quick_gelu for OpenAI's")
 
@@ -36,8 +38,7 @@ class StoryEvalOptions(Options):
                           metavar="RUN_DIR")
     clip: str | None = option(None, _CLIP_HELP + " -> CLIP-T, CLIP-I", metavar="PATH")
     clip_act: str | None = option(None, _CLIP_ACT_HELP, choices=("gelu", "quick_gelu"))
-    dino: str | None = option(None, "transformers Dinov2Model folder (e.g. facebook/dinov2-small) -> DINO-I",
-                            metavar="DIR")
+    dino: str | None = option(None, _DINO_HELP, metavar="DIR")
     faces: bool = option(False, "face identity of human characters with dlib (needs the face-metrics extra)")
     masks: str | None = option(None, "folder of NN.png subject masks (white = subject), one per single-character "
                              "panel: CLIP-I and DINO-I then see the subject on noise", metavar="DIR")
@@ -126,7 +127,7 @@ class BenchmarkOptions(Options):
                              choices=("float32", "bfloat16", "float16"))
     clip: str | None = option(None, _CLIP_HELP + " -> CLIP-T, CLIP-I", metavar="PATH")
     clip_act: str | None = option(None, _CLIP_ACT_HELP, choices=("gelu", "quick_gelu"))
-    dino: str | None = option(None, "transformers Dinov2Model folder -> DINO-I", metavar="DIR")
+    dino: str | None = option(None, _DINO_HELP, metavar="DIR")
     faces: bool = option(False, "face identity with dlib (human subjects; needs the face-metrics extra)")
     quiet: bool = option(False, "no progress bar")
 
@@ -192,9 +193,15 @@ def _write_text(path: str, text: str) -> None:
             f.write(text)
 
 
+def _measured_with(models: dict) -> str:
+    """One line naming the networks behind the numbers (e.g. which DINO: DINOv2 and DINO v1 differ)."""
+    return "measured with " + "; ".join(f"{k} {v}" for k, v in models.items())
+
+
 def load_networks(o, log=print) -> dict:
     """The metric networks an options object names (fields clip, clip_act, dino, faces, lpips), as embedders.
-    Keys: clip, dino, faces, lpips (those requested); each embedder's `name` records its source."""
+    Keys: clip, dino, faces, lpips (those requested); each embedder's `name` records its source (the DINO's
+    with its kind first, "dinov2: PATH" or "dino-v1 ViT: PATH": the two give different DINO-I)."""
     from storydiff_jax.metrics import ClipEmbedder
 
     nets = {}
@@ -206,11 +213,11 @@ def load_networks(o, log=print) -> dict:
         nets["clip"] = ClipEmbedder(loaded.model, loaded.tokenizer, loaded.preprocessing,
                                     name=os.path.abspath(o.clip))
     if getattr(o, "dino", None):
-        from convert.metrics import load_dinov2
+        from convert.metrics import load_dino
         from storydiff_jax.metrics import DinoEmbedder
 
-        model, pre = load_dinov2(o.dino)
-        nets["dino"] = DinoEmbedder(model, pre, name=os.path.abspath(o.dino))
+        dino = load_dino(o.dino)
+        nets["dino"] = DinoEmbedder(dino.model, dino.preprocessing, name=f"{dino.kind}: {os.path.abspath(o.dino)}")
     if getattr(o, "lpips", None):
         from convert.metrics import load_lpips
         from storydiff_jax.metrics import LpipsScorer
@@ -243,6 +250,7 @@ def run_story(o: StoryEvalOptions, log=print, *, networks: dict | None = None) -
     out = o.out or os.path.join(o.run_dir, "metrics.json")
     _write_json(out, result)
     log(summary_table(result["summary"]))
+    log(_measured_with(result["models"]))
     for name, c in result["characters"].items():
         values = ", ".join(f"{k} {v:.4f}" for k, v in c.items() if isinstance(v, float))
         log(f"  [{name}] {len(c['panels'])} solo panels{': ' + values if values else ''}")
@@ -268,7 +276,8 @@ def run_video(o: VideoEvalOptions, log=print, *, networks: dict | None = None) -
     else:
         out = os.path.join(o.path, "metrics.json")
     _write_json(out, result)
-    log(summary_table(result["summary"]) + f"\n(mean over {len(clips)} clip{'s' * (len(clips) > 1)})")
+    log(summary_table(result["summary"]) + f"\n(mean over {len(clips)} clip{'s' * (len(clips) > 1)}; "
+        f"{_measured_with(result['models'])})")
     log(f"wrote {out}")
     return result
 
@@ -378,7 +387,7 @@ def run_benchmark(o: BenchmarkOptions, log=print, *, networks: dict | None = Non
     finally:
         if bar is not None:
             bar.close()
-    results = _write_reports(o, out, runs, settings)
+    results = _write_reports(o, out, runs, settings, models)
     log(results["table"])
     log(f"{len(runs)} runs ({counts['generated']} generated, {counts['scored']} scored, {counts['kept']} kept from an "
         f"earlier run); wrote {os.path.join(out, 'results.json')}, results.md and charts/")
@@ -403,7 +412,7 @@ def _generate(args, entry, pipe) -> None:
     story_cli.run(args, log=lambda msg: None, text=entry.story_text(), pipe=pipe)
 
 
-def _write_reports(o: BenchmarkOptions, out: str, runs: list[dict], settings: dict) -> dict:
+def _write_reports(o: BenchmarkOptions, out: str, runs: list[dict], settings: dict, models: dict) -> dict:
     from storydiff_jax.metrics.report import METRICS, aggregate, bar_chart, compare_table, grouped_table
 
     by_mode = aggregate(runs, "mode")
@@ -412,10 +421,11 @@ def _write_reports(o: BenchmarkOptions, out: str, runs: list[dict], settings: di
     md = [f"# Benchmark: {os.path.basename(o.prompts)}", "",
           f"{len({r['entry'] for r in runs})} entries x {len(o.seed_list)} seed(s) x {len(o.mode_list)} modes; "
           f"model {settings['model']}; " + ", ".join(f"{k} {v}" for k, v in settings.items() if k != "model"), "",
+          _measured_with(models).capitalize() + ".", "",
           "## Mean ± standard deviation over runs", "", table, "",
           f"## Means side by side (differences to {means[0][0]}; ▲ better, ▼ worse)", "", compare_table(means), ""]
-    results = {"settings": settings, "prompts": os.path.abspath(o.prompts), "modes": list(o.mode_list),
-               "seeds": list(o.seed_list), "by_mode": by_mode, "runs": runs}
+    results = {"settings": settings, "models": models, "prompts": os.path.abspath(o.prompts),
+               "modes": list(o.mode_list), "seeds": list(o.seed_list), "by_mode": by_mode, "runs": runs}
     _write_json(os.path.join(out, "results.json"), results)
     _write_text(os.path.join(out, "results.md"), "\n".join(md))
     charts = os.path.join(out, "charts")
@@ -433,8 +443,9 @@ def _write_reports(o: BenchmarkOptions, out: str, runs: list[dict], settings: di
 # ---------------------------------------------------------------------------------------------------- compare
 
 
-def _columns(path: str) -> list[tuple[str, dict]]:
-    """One table column per run: a run folder or metrics file -> its summary; a benchmark -> one per mode."""
+def _columns(path: str) -> list[tuple[str, dict, dict]]:
+    """One table column per run: a run folder or metrics file -> (name, its summary, the networks it was
+    measured with); a benchmark -> one per mode."""
     name = os.path.basename(os.path.normpath(path))
     if os.path.isdir(path):
         for candidate in ("results.json", "metrics.json"):
@@ -453,22 +464,23 @@ def _columns(path: str) -> list[tuple[str, dict]]:
             data = json.load(f)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{file} cannot be read as JSON ({e})") from None
+    models = data.get("models") if isinstance(data, dict) and isinstance(data.get("models"), dict) else {}
     if isinstance(data, dict) and isinstance(data.get("by_mode"), dict):
-        return [(f"{name}: {mode}", {k: v["mean"] for k, v in stats.items()})
+        return [(f"{name}: {mode}", {k: v["mean"] for k, v in stats.items()}, models)
                 for mode, stats in data["by_mode"].items()]
     if isinstance(data, dict) and isinstance(data.get("summary"), dict):
-        return [(name, data["summary"])]
+        return [(name, data["summary"], models)]
     raise ConfigError(f"{file} is not a metrics.json or results.json written by infer.evaluate")
 
 
 def run_compare(o: CompareOptions, log=print) -> str:
     from storydiff_jax.metrics.report import compare_table
 
-    columns = [(path, name, summary) for path in o.runs for name, summary in _columns(path)]
-    names = [name for _, name, _ in columns]
+    columns = [(path, *column) for path in o.runs for column in _columns(path)]
+    names = [name for _, name, _, _ in columns]
     # Same folder names in different places: name those columns by their path instead.
-    columns = [(name if names.count(name) == 1 else f"{path} ({name})", summary) for path, name, summary in columns]
-    table = compare_table(columns)
+    table = compare_table([(name if names.count(name) == 1 else f"{path} ({name})", summary)
+                           for path, name, summary, _ in columns], [models for *_, models in columns])
     if o.out:
         _write_text(o.out, table + "\n")
     log(table)

@@ -62,13 +62,19 @@ def _as_pil(image, index: int) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr[..., :3]), "RGB")
 
 
-def resize_short_side(image: Image.Image, size: int) -> Image.Image:
-    """Bicubic (antialiased) resize so that the shorter side is `size` pixels."""
+# PIL's filters by the names used here; transformers' configs store their PIL numbers (2 bilinear, 3 bicubic).
+RESAMPLE = {"nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS,
+            "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+            "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
+
+
+def resize_short_side(image: Image.Image, size: int, resample: str = "bicubic") -> Image.Image:
+    """Antialiased resize (bicubic unless told) so that the shorter side is `size` pixels."""
     w, h = image.size
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(size * long / short)  # truncation, like transformers / torchvision
     new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-    return image.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+    return image.resize((new_w, new_h), resample=RESAMPLE[resample])
 
 
 def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
@@ -89,23 +95,32 @@ def clip_preprocess(images: Sequence | np.ndarray | Image.Image, size: int = 224
 
 
 def resize_crop_normalize(images: Sequence | np.ndarray | Image.Image, resize: int, crop: int,
-                          mean: Sequence[float], std: Sequence[float], *, what: str = "preprocess") -> np.ndarray:
-    """transformers' image processors' default path (`CLIPImageProcessor`, DINOv2's `BitImageProcessor`):
-    shortest side to `resize` (bicubic), centre crop `crop`, [0, 1], then (x - mean) / std.
-    Returns np.float32 [B, crop, crop, 3]."""
+                          mean: Sequence[float], std: Sequence[float], *, resample: str = "bicubic",
+                          keep_aspect: bool = True, what: str = "preprocess") -> np.ndarray:
+    """transformers' image processors' PIL path: shortest side to `resize` (`CLIPImageProcessor`, DINOv2's
+    `BitImageProcessor`), or, with keep_aspect=False, both sides to `resize` (`ViTImageProcessor`'s
+    {"height", "width"} size: the aspect ratio is not kept); then centre crop `crop` (a no-op when it equals
+    the squashed size), [0, 1], then (x - mean) / std. Returns np.float32 [B, crop, crop, 3]."""
     if isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim == 3):
         images = [images]
     if resize < 1 or crop < 1:
         raise ConfigError(f"{what}: sizes must be positive, got resize {resize}, crop {crop}")
     if crop > resize:
         raise ConfigError(f"{what}: the {crop} px crop is larger than the {resize} px resize; use crop <= resize")
+    if resample not in RESAMPLE:
+        raise ConfigError(f"{what}: unknown resampling filter {resample!r}; use one of {', '.join(RESAMPLE)}")
     if len(images) == 0:
         raise ConfigError(f"{what}: no images given")
     mean = np.asarray(mean, np.float32)
     std = np.asarray(std, np.float32)
     out = np.empty((len(images), crop, crop, 3), np.float32)
     for i, image in enumerate(images):
-        pixels = center_crop(np.asarray(resize_short_side(_as_pil(image, i), resize)), crop)
+        image = _as_pil(image, i)
+        if keep_aspect:
+            image = resize_short_side(image, resize, resample)
+        else:
+            image = image.resize((resize, resize), resample=RESAMPLE[resample])
+        pixels = center_crop(np.asarray(image), crop)
         # float64 product then float32, and the normalisation in float32: transformers' arithmetic, so
         # the only possible differences to it are in the resampling.
         out[i] = ((pixels.astype(np.float64) * (1 / 255)).astype(np.float32) - mean) / std
@@ -115,11 +130,15 @@ def resize_crop_normalize(images: Sequence | np.ndarray | Image.Image, resize: i
 @dataclass(frozen=True)
 class ImagePreprocessing:
     """How a network wants its images (`resize_crop_normalize` with these settings), e.g. CLIP's
-    (224, 224, CLIP_MEAN, CLIP_STD) or DINOv2's (256, 224, IMAGENET_MEAN, IMAGENET_STD)."""
+    (224, 224, CLIP_MEAN, CLIP_STD), DINOv2's (256, 224, IMAGENET_MEAN, IMAGENET_STD) or DINO v1's folder
+    (224, 224, (0.5,) * 3, (0.5,) * 3, "bilinear", keep_aspect=False)."""
     resize: int
     crop: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resample: str = "bicubic"
+    keep_aspect: bool = True
 
     def __call__(self, images) -> np.ndarray:
-        return resize_crop_normalize(images, self.resize, self.crop, self.mean, self.std)
+        return resize_crop_normalize(images, self.resize, self.crop, self.mean, self.std, resample=self.resample,
+                                     keep_aspect=self.keep_aspect)

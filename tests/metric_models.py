@@ -5,6 +5,8 @@
   open_clip's layout (written here from open_clip's module names, independently of convert/metrics.py).
 * DINOv2: transformers `Dinov2Model` with the real trained grid (518 px, patch 14: 37 x 37), so inputs at
   224 px go through the bicubic position-embedding resize as with the real weights.
+* DINO v1: transformers `ViTModel` with ViT-S/16's grid (224 px, patch 16) and facebook/dino-vits16's
+  preprocessor_config.json.
 * LPIPS: torchvision's AlexNet `features` layout (torchvision itself cannot be installed here: the state
   dict is written by hand with its key names and shapes) and the `lpips` package's `lin{k}.model.1.weight`
   heads, plus `TorchLPIPS`, a PyTorch statement of the network (AlexNet slices, unit-normalised channels,
@@ -13,6 +15,9 @@ Weights are perturbed away from their initial values (LayerNorms away from 1/0) 
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +31,13 @@ CLIP_TEXT = dict(hidden_size=128, intermediate_size=37, num_hidden_layers=2, num
 CLIP_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=224,
                    patch_size=32)
 DINO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=518, patch_size=14)
+# DINO v1 ViT-S/16's topology (224 px, patch 16: 14 x 14, layer_norm_eps 1e-12) at a tiny width.
+DINO_V1 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=224,
+               patch_size=16, layer_norm_eps=1e-12)
+# facebook/dino-vits16's preprocessor_config.json as published: ViTImageProcessor squashes to 224 x 224,
+# bilinear, with mean = std = 0.5 (not the ImageNet statistics DINO trained with; what transformers users get).
+DINO_V1_PREPROCESSOR = {"do_normalize": True, "do_resize": True, "feature_extractor_type": "ViTFeatureExtractor",
+                        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2, "size": 224}
 
 
 def perturb(model: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:
@@ -100,6 +112,16 @@ def tiny_dinov2_folder(folder) -> transformers.Dinov2Model:
             layer.layer_scale1.lambda1.uniform_(0.5, 1.5)
             layer.layer_scale2.lambda1.uniform_(0.5, 1.5)
     model.save_pretrained(folder)
+    return model
+
+
+def tiny_dino_vit_folder(folder) -> transformers.ViTModel:
+    """A DINO v1 folder as facebook/dino-vits16 ships it: ViTModel weights (the unused pooler included), its
+    config.json and preprocessor_config.json."""
+    torch.manual_seed(0)
+    model = perturb(transformers.ViTModel(transformers.ViTConfig(**DINO_V1)), seed=7)
+    model.save_pretrained(folder)
+    (Path(folder) / "preprocessor_config.json").write_text(json.dumps(DINO_V1_PREPROCESSOR))
     return model
 
 

@@ -7,8 +7,10 @@ One tiny-sdxl StoryPipeline (64 px, 2 steps) and one set of metric networks serv
 * `evaluate video` scores an mp4 and a frames folder; `compare` puts runs side by side;
 * `benchmark` generates 2 entries x 2 modes (csa, plain) with the same seed: runs, results.json, results.md
   and a PNG per metric; rerun, it generates nothing (and scores again only what a new network needs);
-* errors (run folder without story.json, a CLIP folder of another kind, missing LPIPS heads) exit 2 with
-  one line through the real CLI in subprocesses, writing nothing.
+* `evaluate story --dino` with a DINO v1 ViTModel folder: DINO-I equals the formula on transformers' CLS
+  features; `compare` marks DINO-I of the two DINO kinds as not comparable;
+* errors (run folder without story.json, a CLIP or DINO folder of another kind, missing LPIPS heads) exit 2
+  with one line through the real CLI in subprocesses, writing nothing.
 The benchmark's settings match the story run's (1 character, id length 2, seed 42), so its csa runs reuse
 the compiled write/read programs.
 """
@@ -23,7 +25,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from metric_models import lpips_folder, tiny_clip_folder, tiny_dinov2_folder
+from metric_models import lpips_folder, tiny_clip_folder, tiny_dino_vit_folder, tiny_dinov2_folder
 
 from infer import evaluate
 from infer import story as story_cli
@@ -60,10 +62,11 @@ def nets(tmp_path_factory):
     root = tmp_path_factory.mktemp("metric_nets")
     clip_ref = tiny_clip_folder(root / "clip")
     tiny_dinov2_folder(root / "dino")
+    dino_v1_ref = tiny_dino_vit_folder(root / "dino_v1")
     lpips_folder(root / "lpips")
     options = evaluate.StoryEvalOptions(run_dir=".", clip=str(root / "clip"), dino=str(root / "dino"), faces=True)
     loaded = evaluate.load_networks(options, log=lambda m: None)
-    return {"root": root, "clip_ref": clip_ref, "loaded": loaded}
+    return {"root": root, "clip_ref": clip_ref, "dino_v1_ref": dino_v1_ref, "loaded": loaded}
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +117,37 @@ def test_story_metrics(story_run, nets, capsys):
     assert s["clip_t_torchmetrics"] == pytest.approx(max(100 * cos.mean(), 0), abs=1e-2)
     assert s["clip_i"] == pytest.approx(np.mean(pairs), abs=1e-4)
     assert manifest["panels"][2]["prompt"] == "a woman with short red hair and a green coat drinks tea by a window"
+
+
+def test_story_dino_v1(story_run, nets, tmp_path):
+    """--dino takes a DINO v1 ViTModel folder too: DINO-I equals mean pairwise cosine of transformers' CLS
+    features of the same panels; metrics.json records the kind, and compare marks DINO-I measured with the
+    two kinds as not comparable."""
+    n = nets["root"]
+    v1_file = tmp_path / "v1.json"
+    assert evaluate.main(["story", story_run, "--dino", str(n / "dino_v1"), "--out", str(v1_file)]) == 0
+    v1 = json.loads(v1_file.read_text())
+    assert v1["models"] == {"dino": f"dino-v1 ViT: {n / 'dino_v1'}"} and set(v1["summary"]) == {"dino_i"}
+    import transformers
+
+    manifest = json.loads(open(os.path.join(story_run, "story.json")).read())
+    images = [np.asarray(load_image(os.path.join(story_run, p["file"]))) for p in manifest["panels"]]
+    pixels = transformers.AutoImageProcessor.from_pretrained(n / "dino_v1")(images[:4], return_tensors="pt")
+    with torch.no_grad():
+        cls = nets["dino_v1_ref"](**pixels).last_hidden_state[:, 0].numpy()
+    cls /= np.linalg.norm(cls, axis=1, keepdims=True)
+    assert v1["summary"]["dino_i"] == pytest.approx(np.mean([cls[i] @ cls[j] for i in range(4) for j in range(i)]),
+                                                    abs=1e-4)
+
+    v2_file = tmp_path / "v2.json"
+    v2 = evaluate.run_story(evaluate.StoryEvalOptions(run_dir=story_run, dino="d", out=str(v2_file)),
+                            log=lambda m: None, networks={"dino": nets["loaded"]["dino"]})
+    assert v2["models"]["dino"].startswith("dinov2: ")
+    table = evaluate.run_compare(evaluate.CompareOptions(runs=[str(v2_file), str(v1_file)]), log=lambda m: None)
+    row = next(line for line in table.splitlines() if line.startswith("| DINO-I |"))
+    assert row.endswith(" † |") and "▲" not in row and "▼" not in row and "**" not in row, table
+    note = table.splitlines()[-1]
+    assert note.startswith("† DINO-I") and "v2: dinov2: " in note and "v1: dino-v1 ViT: " in note, table
 
 
 def test_story_masks(story_run, nets, tmp_path):
@@ -245,6 +279,10 @@ def test_compare(bench, story_run, tmp_path):
     assert header == "| metric | out: csa | out: plain | run |"
     assert table_file.read_text().strip() == table and lines == [table]
     assert any(mark in table for mark in ("▲", "▼", "(=)")) and "**" in table
+    # The benchmark and the story were measured with the same networks (results.json / metrics.json "models").
+    models = json.loads((root / "out" / "results.json").read_text())["models"]
+    assert set(models) == {"clip", "dino"} and models["dino"].startswith("dinov2: ")
+    assert "†" not in table, table
 
 
 def _cli(*args):
@@ -266,6 +304,8 @@ def test_cli_errors_one_line_nothing_written(story_run, nets, tmp_path):
                           tmp_path / "not_a_run" / "metrics.json"),
         "is not a CLIP model": (_cli("story", story_run, "--clip", str(n / "dino"), "--out", str(tmp_path / "m.json")),
                                 tmp_path / "m.json"),
+        "is not a DINO model": (_cli("story", story_run, "--dino", str(n / "clip"), "--out", str(tmp_path / "d.json")),
+                                tmp_path / "d.json"),
         "no LPIPS linear heads": (_cli("video", str(clip_file), "--lpips", str(tmp_path / "heads_missing")),
                                   tmp_path / "clip.metrics.json"),
         "no metric chosen": (_cli("story", story_run), tmp_path / "none.json"),

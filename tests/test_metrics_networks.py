@@ -13,6 +13,10 @@
   <= 1e-5 * max(1, max |ref|); identical frames give exactly 0.
 * DINOv2 CLS at 224 px (position embeddings resized from the 37 x 37 grid) vs transformers'
   `Dinov2Model(...).pooler_output`, and its preprocessing vs `BitImageProcessor`: <= 1e-4.
+* DINO v1 (models/dino_vit.py, a transformers ViTModel folder such as facebook/dino-vits16) CLS vs
+  `ViTModel(...).last_hidden_state[:, 0]` at the trained 224 px and at 256 px (`interpolate_pos_encoding`):
+  <= 1e-4 * max(1, max |ref|); its preprocessing vs the folder's `ViTImageProcessor` <= 1e-6. `load_dino`
+  tells the two kinds apart by config.json and refuses other folders in one line naming both.
 * Video metrics on synthetic clips with a known drift: LPIPS-first/-frames grow and CLIPSIM-first/-frames
   fall as the drift grows; a still clip scores LPIPS 0 and CLIPSIM 1.
 """
@@ -20,6 +24,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -27,21 +32,25 @@ import torch
 import transformers
 from flax import nnx
 from metric_models import (
+    DINO_V1_PREPROCESSOR,
     TorchLPIPS,
     lpips_folder,
     open_clip_state_dict,
     random_images,
     save_safetensors,
     tiny_clip_folder,
+    tiny_dino_vit_folder,
     tiny_dinov2_folder,
 )
 
-from convert.metrics import convert_clip, load_clip, load_dinov2, load_lpips
+from convert.metrics import convert_clip, load_clip, load_dino, load_lpips
 from storydiff_jax.errors import CheckpointError
 from storydiff_jax.metrics import ClipEmbedder, DinoEmbedder, LpipsScorer
 from storydiff_jax.metrics.similarity import clip_t_scalings, cosines
 from storydiff_jax.metrics.video import score_frames
 from storydiff_jax.models.clip_text import CLIPTextModel, tokenize
+from storydiff_jax.models.dino_vit import DinoViTModel
+from storydiff_jax.models.dinov2 import Dinov2Model
 
 PROMPTS = ["a photo of a red fox in the snow", "an old lighthouse keeper reading by a lamp",
            "a teapot on a wooden table", "a small robot walking through a city at night"]
@@ -198,8 +207,10 @@ def test_lpips_missing_heads_is_one_line(lpips, tmp_path):
 def test_dinov2_cls_matches_transformers(tmp_path):
     folder = tmp_path / "dinov2"
     ref = tiny_dinov2_folder(folder)
-    model, pre = load_dinov2(folder)
-    assert (pre.resize, pre.crop) == (256, 224)
+    loaded = load_dino(folder)   # recognised by config.json's model_type
+    model, pre = loaded.model, loaded.preprocessing
+    assert loaded.kind == "dinov2" and isinstance(model, Dinov2Model)
+    assert (pre.resize, pre.crop, pre.keep_aspect) == (256, 224, True)
     images = random_images(3, 300, 260, seed=4)
     processor = transformers.BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
                                                do_convert_rgb=True, image_mean=list(pre.mean), image_std=list(pre.std),
@@ -211,6 +222,49 @@ def test_dinov2_cls_matches_transformers(tmp_path):
         want = ref(pixel_values=torch.from_numpy(ref_pixels)).pooler_output.numpy()
     got = DinoEmbedder(model, pre).images(images)
     _check_close(got, want, "DINOv2 CLS at 224 px (37x37 -> 16x16 position embeddings)", 1e-4)
+
+
+def test_dino_v1_cls_matches_transformers(tmp_path):
+    """DINO v1 (ViTModel) CLS of the final layernorm at the config's 224 px and at 256 px (position embeddings
+    resized: transformers' interpolate_pos_encoding=True), after the folder's own ViTImageProcessor."""
+    folder = tmp_path / "dino_v1"
+    ref = tiny_dino_vit_folder(folder)
+    loaded = load_dino(folder)
+    assert loaded.kind == "dino-v1 ViT" and isinstance(loaded.model, DinoViTModel)
+    pre = loaded.preprocessing
+    assert (pre.resize, pre.crop, pre.resample, pre.keep_aspect) == (224, 224, "bilinear", False)
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    assert type(processor).__name__.startswith("ViTImageProcessor")
+    images = random_images(3, 300, 260, seed=8)   # non-square: the squash (no aspect ratio kept) matters
+    for size in (224, 256):
+        ours_pre = dataclasses.replace(pre, resize=size, crop=size)
+        ref_pixels = processor(list(images), size={"height": size, "width": size}, return_tensors="np")["pixel_values"]
+        _check_close(ours_pre(list(images)), ref_pixels.transpose(0, 2, 3, 1),
+                     f"DINO v1 preprocessing vs ViTImageProcessor at {size} px", 1e-6)
+        with torch.no_grad():
+            want = ref(pixel_values=torch.from_numpy(ref_pixels),
+                       interpolate_pos_encoding=size != 224).last_hidden_state[:, 0].numpy()
+        got = DinoEmbedder(loaded.model, ours_pre).images(images)
+        _check_close(got, want, f"DINO v1 CLS at {size} px ({size // 16}x{size // 16} patches, trained 14x14)", 1e-4)
+    # The torchvision-style protocol (shortest side 256, centre crop 224, ImageNet statistics), written into
+    # the folder's file, is read as ViTImageProcessor reads it.
+    edited = {**DINO_V1_PREPROCESSOR, "size": {"shortest_edge": 256}, "do_center_crop": True, "crop_size": 224,
+              "resample": 3, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+    (folder / "preprocessor_config.json").write_text(json.dumps(edited))
+    pre = load_dino(folder).preprocessing
+    assert (pre.resize, pre.crop, pre.resample, pre.keep_aspect) == (256, 224, "bicubic", True)
+    ref_pixels = transformers.AutoImageProcessor.from_pretrained(folder)(list(images), return_tensors="np")
+    _check_close(pre(list(images)), ref_pixels["pixel_values"].transpose(0, 2, 3, 1),
+                 "DINO v1 preprocessing, shortest side 256 + crop 224, vs ViTImageProcessor", 1e-6)
+
+
+def test_dino_wrong_folder_is_one_line(clip, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for folder, says in ((clip[1], "config.json says 'clip'"), (tmp_path / "empty", "has no config.json")):
+        with pytest.raises(CheckpointError, match=says) as e:
+            load_dino(folder)
+        message = str(e.value)
+        assert "\n" not in message and "Dinov2Model" in message and "ViTModel" in message, message
 
 
 def _drifting_clip(drift: float, frames: int = 5) -> np.ndarray:

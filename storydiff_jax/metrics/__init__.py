@@ -2,9 +2,9 @@
 
 * `story.score_story`: CLIP-T (three scalings), CLIP-I, DINO-I and face identity of a run folder;
 * `video.score_videos`: LPIPS-first/-frames and CLIPSIM-first/-frames of clips;
-* `embedders`: the networks (models/clip.py, models/dinov2.py, models/lpips.py; dlib in `faces`) as
-  batched jitted functions; `similarity`: the arithmetic; `report`: names, directions, tables, charts;
-  `prompts`: ConsiStory+-layout benchmark files.
+* `embedders`: the networks (models/clip.py, models/dinov2.py or dino_vit.py, models/lpips.py; dlib in
+  `faces`) as batched jitted functions; `similarity`: the arithmetic; `report`: names, directions, tables,
+  charts; `prompts`: ConsiStory+-layout benchmark files.
 The command line is `python -m infer.evaluate`; weights come from the user's files through
 `convert/metrics.py`. docs/evaluation.md says which published number uses which model and scaling.
 

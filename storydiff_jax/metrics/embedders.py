@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from ..images import ImagePreprocessing
 from ..models.clip import CLIPModel
 from ..models.clip_text import tokenize
-from ..models.dinov2 import Dinov2Model
+from ..models.dinov2 import DinoBackbone
 from ..models.lpips import LPIPS, MIN_SIDE
 
 BATCH = 8
@@ -78,9 +78,10 @@ class ClipEmbedder:
 
 
 class DinoEmbedder:
-    """DINOv2 CLS embeddings (the DINO-I features)."""
+    """DINO CLS embeddings (the DINO-I features) of DINOv2 or DINO v1 (models/dino_vit.py). `name` says
+    which (metrics.json records it: DINO-I of the two kinds are different numbers)."""
 
-    def __init__(self, model: Dinov2Model, preprocessing: ImagePreprocessing, *, name: str = "dinov2"):
+    def __init__(self, model: DinoBackbone, preprocessing: ImagePreprocessing, *, name: str = "dino"):
         self.model, self.preprocessing, self.name = model, preprocessing, name
         self._cls = Batched(model, "cls_embedding")
 

@@ -16,23 +16,24 @@ class Metric:
     label: str
     higher_is_better: bool
     published: str = ""          # a reference number and where it comes from (docs/evaluation.md)
+    network: str = ""            # its key in metrics.json's "models": values from other networks do not compare
 
 
 METRICS: dict[str, Metric] = {
-    "clip_t": Metric("CLIP-T (cosine)", True),
+    "clip_t": Metric("CLIP-T (cosine)", True, network="clip"),
     "clip_t_clipscore": Metric("CLIP-T, CLIPScore 2.5*max(cos,0)", True,
                                "StoryDiffusion 0.6586 (paper Table 1, model unstated); 0.8877 on ConsiStory+ "
-                               "(ViT-B/32, aggregator)"),
-    "clip_t_torchmetrics": Metric("CLIP-T, torchmetrics 100*cos", True),
-    "clip_i": Metric("CLIP-I (character similarity)", True, "StoryDiffusion 0.8950 (paper Table 1)"),
-    "dino_i": Metric("DINO-I", True),
-    "face_found": Metric("faces found (share of panels)", True),
-    "face_distance": Metric("face descriptor distance", False, "< 0.6: same person (dlib)"),
-    "face_same": Metric("face pairs under 0.6 (share)", True),
-    "lpips_first": Metric("LPIPS-first", False, "StoryDiffusion 0.3794 (paper Table 2)"),
-    "lpips_frames": Metric("LPIPS-frames", False, "StoryDiffusion 0.1635 (paper Table 2)"),
-    "clipsim_first": Metric("CLIPSIM-first", True, "StoryDiffusion 0.9606 (paper Table 2)"),
-    "clipsim_frames": Metric("CLIPSIM-frames", True, "StoryDiffusion 0.9870 (paper Table 2)"),
+                               "(ViT-B/32, aggregator)", "clip"),
+    "clip_t_torchmetrics": Metric("CLIP-T, torchmetrics 100*cos", True, network="clip"),
+    "clip_i": Metric("CLIP-I (character similarity)", True, "StoryDiffusion 0.8950 (paper Table 1)", "clip"),
+    "dino_i": Metric("DINO-I", True, network="dino"),
+    "face_found": Metric("faces found (share of panels)", True, network="faces"),
+    "face_distance": Metric("face descriptor distance", False, "< 0.6: same person (dlib)", "faces"),
+    "face_same": Metric("face pairs under 0.6 (share)", True, network="faces"),
+    "lpips_first": Metric("LPIPS-first", False, "StoryDiffusion 0.3794 (paper Table 2)", "lpips"),
+    "lpips_frames": Metric("LPIPS-frames", False, "StoryDiffusion 0.1635 (paper Table 2)", "lpips"),
+    "clipsim_first": Metric("CLIPSIM-first", True, "StoryDiffusion 0.9606 (paper Table 2)", "clip"),
+    "clipsim_frames": Metric("CLIPSIM-frames", True, "StoryDiffusion 0.9870 (paper Table 2)", "clip"),
 }
 
 
@@ -56,26 +57,42 @@ def summary_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def compare_table(columns: Sequence[tuple[str, dict[str, Any]]]) -> str:
+def compare_table(columns: Sequence[tuple[str, dict[str, Any]]],
+                  models: Sequence[dict[str, str]] | None = None) -> str:
     """Metric rows, one column per run. Each later column shows its difference to the first (▲ better,
-    ▼ worse by the metric's direction, = same to 4 decimals); the best value of a row is in bold (ties: all)."""
+    ▼ worse by the metric's direction, = same to 4 decimals); the best value of a row is in bold (ties: all).
+
+    models: per column, the networks it was measured with (metrics.json's "models"). A value measured with
+    another network than the first column's (another CLIP, DINOv2 against DINO v1, ...) is not comparable:
+    it is marked † instead of a difference, is never bold, and a note under the table names the networks."""
     if not columns:
         raise ConfigError("nothing to compare: pass at least one run")
+    models = list(models) if models is not None else [{} for _ in columns]
     keys = _ordered({k for _, s in columns for k in s})
     header = "| metric | " + " | ".join(name for name, _ in columns) + " |"
     lines = [header, "| --- |" + " ---: |" * len(columns)]
+    notes = []
     for k in keys:
         m = METRICS.get(k, Metric(k, True))
         values = [s.get(k) for _, s in columns]
-        present = [v for v in values if v is not None]
+        nets = [mod.get(m.network) if m.network else None for mod in models]
+        # Only values measured with the first column's network compare (unrecorded networks are trusted).
+        other = [i > 0 and None not in (nets[0], nets[i]) and nets[i] != nets[0] for i in range(len(values))]
+        present = [v for v, o in zip(values, other) if v is not None and not o]
         best = (max(present) if m.higher_is_better else min(present)) if len(present) > 1 else None
+        if any(o and v is not None for o, v in zip(other, values)):
+            notes.append(f"† {m.label}: measured with different {m.network.upper()} networks, not comparable ("
+                         + "; ".join(f"{name}: {net}" for (name, _), net, v in zip(columns, nets, values)
+                                     if v is not None and net is not None) + ")")
         cells = []
         for i, v in enumerate(values):
             cell = _fmt(v)
-            if v is not None and best is not None and v == best:
+            if v is not None and best is not None and v == best and not other[i]:
                 cell = f"**{cell}**"
             base = values[0]
-            if i > 0 and v is not None and base is not None:
+            if other[i] and v is not None:
+                cell += " †"
+            elif i > 0 and v is not None and base is not None:
                 delta = v - base
                 if round(delta, 4) == 0:
                     cell += " (=)"
@@ -84,7 +101,7 @@ def compare_table(columns: Sequence[tuple[str, dict[str, Any]]]) -> str:
                     cell += f" ({delta:+.4f} {'▲' if better else '▼'})"
             cells.append(cell)
         lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def aggregate(runs: Sequence[dict[str, Any]], group: str) -> dict[str, dict[str, dict[str, float]]]:

@@ -94,7 +94,7 @@ def score_story(run_dir: str, *, clip=None, dino=None, faces=None, masks_dir: st
     """The metrics of one run folder. clip: a `ClipEmbedder` (CLIP-T, CLIP-I), dino: a `DinoEmbedder`
     (DINO-I), faces: a `FaceEmbedder` (face identity); at least one. Returns the metrics.json content."""
     if clip is None and dino is None and faces is None:
-        raise ConfigError("no metric to compute: pass a CLIP model (CLIP-T, CLIP-I), a DINOv2 model (DINO-I) "
+        raise ConfigError("no metric to compute: pass a CLIP model (CLIP-T, CLIP-I), a DINO model (DINO-I) "
                           "and/or faces")
     manifest = read_run(run_dir)
     panels = manifest["panels"]

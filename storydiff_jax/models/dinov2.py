@@ -11,6 +11,10 @@ embeddings of the patches are resized with PyTorch's bicubic interpolation (a = 
 centres, borders clamped), as transformers does on every call. Here the resize is a pair of
 [new, old] matrices computed once from the static shapes (`bicubic_matrix`), so under jit it is two
 small matmuls.
+
+DINO v1 (models/dino_vit.py) is the same ViT without layer scale: it uses `DinoBackbone` (embeddings,
+encoder, final norm) and `Dinov2Attention` as they are, with its own layer class, reading the same config
+fields (hidden_size, num_layers, num_heads, qkv_bias, patch_size, grid, layer_norm_eps) from its config.
 """
 
 from __future__ import annotations
@@ -31,6 +35,25 @@ from storydiff_jax.nn.layers import Conv, Linear
 from storydiff_jax.nn.norms import LayerNorm
 
 _HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads"}
+
+
+def vit_config_kwargs(cls, d: dict[str, Any], *, what: str, model_type: str, folder: str) -> dict[str, Any]:
+    """The fields of the config dataclass `cls` from a transformers config.json of the ViT family (DINOv2's,
+    DINO v1's): model_type checked, exact GELU and RGB only, transformers' layer / head counts renamed to
+    ours, unknown keys ignored (our own `to_dict` output reads back too)."""
+    kind = d.get("model_type", model_type)
+    if kind != model_type:
+        raise ConfigError(f"{what}: config model_type {kind!r} is not {model_type!r}; pass a transformers {folder}")
+    if d.get("hidden_act", "gelu") != "gelu":
+        raise ConfigError(f"{what}: hidden_act {d['hidden_act']!r} is not supported (only gelu)")
+    if d.get("num_channels", 3) != 3:
+        raise ConfigError(f"{what}: num_channels {d['num_channels']} is not supported; only RGB (3)")
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in d.items() if k in names and v is not None}
+    for ours, theirs in _HF_NAMES.items():
+        if d.get(theirs) is not None:
+            kwargs[ours] = d[theirs]
+    return kwargs
 
 
 @dataclass(frozen=True)
@@ -63,23 +86,11 @@ class Dinov2Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Dinov2Config:
         """A transformers Dinov2Config dict (config.json of a Dinov2Model folder) or our `to_dict`."""
-        kind = d.get("model_type", "dinov2")
-        if kind != "dinov2":
-            raise ConfigError(f"DINOv2: config model_type {kind!r} is not 'dinov2'; pass a transformers "
-                              "Dinov2Model folder (e.g. facebook/dinov2-small)")
         if d.get("use_swiglu_ffn"):
             raise ConfigError("DINOv2: SwiGLU feed-forward layers (the giant model) are not supported; use "
                               "dinov2-small, -base or -large")
-        if d.get("hidden_act", "gelu") != "gelu":
-            raise ConfigError(f"DINOv2: hidden_act {d['hidden_act']!r} is not supported (only gelu)")
-        if d.get("num_channels", 3) != 3:
-            raise ConfigError(f"DINOv2: num_channels {d['num_channels']} is not supported; only RGB (3)")
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names and v is not None}
-        for ours, theirs in _HF_NAMES.items():
-            if d.get(theirs) is not None:
-                kwargs[ours] = d[theirs]
-        return cls(**kwargs)
+        return cls(**vit_config_kwargs(cls, d, what="DINOv2", model_type="dinov2",
+                                       folder="Dinov2Model folder (e.g. facebook/dinov2-small)"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -205,30 +216,45 @@ class Dinov2Layer(nnx.Module):
         return x + self.layer_scale2(self.mlp(self.norm2(x)))
 
 
-class Dinov2Encoder(nnx.Module):
-    def __init__(self, config: Dinov2Config, *, dtype):
-        self.layer = nnx.List([Dinov2Layer(config, dtype=dtype) for _ in range(config.num_layers)])
+class DinoEncoder(nnx.Module):
+    """`encoder.layer.N`: the transformer layers of either DINO (`layer` is the kind's layer class)."""
+
+    def __init__(self, config, layer: type[nnx.Module], *, dtype):
+        self.layer = nnx.List([layer(config, dtype=dtype) for _ in range(config.num_layers)])
 
 
-class Dinov2Model(nnx.Module):
-    def __init__(self, config: Dinov2Config, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+class DinoBackbone(nnx.Module):
+    """The ViT both DINOs share around their layers: embeddings, `encoder.layer.N`, final layernorm, whose CLS
+    row is the DINO-I embedding. A subclass names its layer class (`layer`) and itself (`what`)."""
+
+    layer: type[nnx.Module]
+    what: str
+
+    def __init__(self, config, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         self.config = config
         self.embeddings = Dinov2Embeddings(config, dtype=dtype)
-        self.encoder = Dinov2Encoder(config, dtype=dtype)
+        self.encoder = DinoEncoder(config, self.layer, dtype=dtype)
         self.layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype=dtype)
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
-        """[B, H, W, 3] ImageNet-normalised pixels, sides multiples of the patch -> [B, 1 + N, D] normed
-        hidden states (transformers' `last_hidden_state`; `[:, 0]` is its `pooler_output`)."""
+        """[B, H, W, 3] normalised pixels, sides multiples of the patch -> [B, 1 + N, D] normed hidden states
+        (transformers' `last_hidden_state`). A grid other than the trained one resizes the position embeddings."""
         p = self.config.patch_size
         if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.shape[1] % p or pixels.shape[2] % p:
-            raise ConfigError(f"DINOv2: pixels of shape {tuple(pixels.shape)}; expected [batch, H, W, 3] with H "
-                              f"and W multiples of the patch size {p}")
+            raise ConfigError(f"{self.what}: pixels of shape {tuple(pixels.shape)}; expected [batch, H, W, 3] with "
+                              f"H and W multiples of the patch size {p}")
         x = self.embeddings(pixels)
         for layer in self.encoder.layer:
             x = layer(x)
         return self.layernorm(x)
 
     def cls_embedding(self, pixels: jax.Array) -> jax.Array:
-        """[B, H, W, 3] -> [B, D]: the DINO-I embedding."""
+        """[B, H, W, 3] -> [B, D]: the DINO-I embedding (`last_hidden_state[:, 0]`, DINOv2's `pooler_output`)."""
         return self(pixels)[:, 0]
+
+
+class Dinov2Model(DinoBackbone):
+    """transformers' Dinov2Model: `Dinov2Config`, layers with layer scale; ImageNet-normalised pixels."""
+
+    layer = Dinov2Layer
+    what = "DINOv2"
