@@ -78,8 +78,8 @@ class BenchmarkMode:
 
 
 # How each mode generates an entry: extra `python -m infer.story` flags on top of the shared settings. The
-# extension point for new comparisons: a PhotoMaker mode adds an entry here whose flags pass the entry's
-# reference photos (a `reference` field in the prompt file) once infer.story takes them.
+# extension point for new comparisons: a PhotoMaker mode would add an entry here whose flags pass the entry's
+# reference photos (`--photomaker DIR --ref NAME=...`, which infer.story takes) once prompt files carry photos.
 BENCHMARK_MODES: dict[str, BenchmarkMode] = {
     "csa": BenchmarkMode("Consistent Self-Attention, official id-bank write/read (--sa32/--sa64)",
                          lambda o, e: ["--mode", "bank", "--sa32", str(o.sa32), "--sa64", str(o.sa64)]),
