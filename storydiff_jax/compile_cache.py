@@ -27,6 +27,7 @@ from .errors import ConfigError
 OFF = "off"
 MIN_COMPILE_S = 0.5
 MAX_BYTES = 8 * 2**30
+_CACHE_SUFFIX, _ATIME_SUFFIX = "-cache", "-atime"     # the file names of JAX's cache entries (jax._src.lru_cache)
 
 
 def default_folder() -> str:
@@ -66,9 +67,19 @@ def enable(setting: str | None) -> str | None:
     # JAX's own environment variables, where set, keep their say (the test suite lowers the threshold).
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
-    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and _has_filelock():
+    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and _has_filelock() and _every_entry_timed(folder):
         jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return folder
+
+
+def _every_entry_timed(folder: str) -> bool:
+    """Whether every program in `folder` has the access-time file that JAX's size bound keeps beside it. A folder
+    that processes without the bound also write to (JAX_COMPILATION_CACHE_DIR set for other JAX work, or our
+    test suite's in-process programs) holds entries without one; with the bound on, JAX's eviction then fails on
+    every write (a warning, and the program is not cached). Such a folder is left unbounded, as those processes
+    leave it."""
+    names = set(os.listdir(folder))
+    return all(name[:-len(_CACHE_SUFFIX)] + _ATIME_SUFFIX in names for name in names if name.endswith(_CACHE_SUFFIX))
 
 
 def _has_filelock() -> bool:
