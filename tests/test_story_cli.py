@@ -78,5 +78,4 @@ def test_cli_bad_size(tmp_path):
 
 
 # 8 fake devices vs 1 through this CLI: tests/test_story_photos.py::test_eight_devices_match_one (a story in photo
-# mode that also holds a character without photos and an [NC] panel, with a ControlNet posing an id panel and two
-# read panels: one 8-device run covers photo mode, text-only rows and ControlNets).
+# mode that also holds a character without photos and an [NC] panel: one 8-device run covers both modes).
