@@ -45,6 +45,7 @@ from .identity import IdentityEncoder, PhotoMaker, start_merge_step, trigger_own
 from .panel_control import ControlMaps, ControlSchedule, PanelControl, parse_union_mode, union_modes
 from .progress import Progress, as_progress
 from .references import (
+    ReferencePlan,
     StoryIdentities,
     check_options,
     encode_identities,
@@ -342,12 +343,12 @@ class StoryPipeline(Pipeline):
         """
         # 1. Check the inputs; parse the story (characters of a loaded bank need no id panels); read the
         #    control maps.
-        story = self.check_inputs(story, options, bank)
+        story, plan = self.check_inputs(story, options, bank)
         maps = self.check_controls(story, options, controls)
         # 2. The weights (LoRAs merged) and, in photo mode, each character's identity from its photos; every
         #    panel's styled prompt and negative prompt, encoded, and its control maps: the conditioning rows.
         self._use_weights(options)
-        identities = self.encode_identities(story, options, log)
+        identities = self.encode_identities(story, options, plan, log)
         conditioning = self.encode_story(story, options, identities)
         if self.controlnets:
             conditioning = dataclasses.replace(conditioning,
@@ -388,8 +389,10 @@ class StoryPipeline(Pipeline):
                 raise ConfigError(f"{name} {v} is not a positive multiple of 32; use e.g. "
                                   f"{max(32, round(v / 32) * 32)}")
 
-    def check_inputs(self, story: str | Story, options: StoryOptions, bank: CharacterBank | None) -> Story:
-        """One-line errors before any work; returns the parsed story."""
+    def check_inputs(self, story: str | Story, options: StoryOptions, bank: CharacterBank | None
+                     ) -> tuple[Story, ReferencePlan | None]:
+        """One-line errors before any work; returns the parsed story and its checked photo-mode inputs (None in
+        text mode), which the identities are encoded from."""
         self.check_size(options.height, options.width)
         if isinstance(story, str):
             known = set(bank.characters) if bank is not None else set()
@@ -399,11 +402,12 @@ class StoryPipeline(Pipeline):
             raise ConfigError("photo mode (PhotoMaker) needs an SDXL model; this one is SD1.5")
         if bank is not None and options.mode == "bank":
             bank.check_compatible(self._bank_meta(options, story))
-        return story
+        return story, plan
 
-    def encode_identities(self, story: Story, options: StoryOptions, log=print) -> StoryIdentities | None:
-        """Photo mode: the identity tokens of the characters with photos that the story shows (None in text mode)."""
-        plan = plan_references(story, options)
+    def encode_identities(self, story: Story, options: StoryOptions, plan: ReferencePlan | None, log=print
+                          ) -> StoryIdentities | None:
+        """Photo mode: the identity tokens of the characters with photos that the story shows (None in text mode);
+        plan: `check_inputs`' checked inputs."""
         if plan is None:
             return None
         if self._identity is None or self._identity[0] != os.path.abspath(plan.photomaker):
