@@ -120,7 +120,9 @@ class OptionField:
             return self.spec.tiny
         return self.default if self.default not in (None, dataclasses.MISSING) else _EXAMPLE[self.type]
 
-    def help_text(self) -> str:
+    def help_text(self, help: str | None = None) -> str:
+        """`help` (default: the declared one) with the default stated."""
+        help = self.spec.help if help is None else help
         stated = self.spec.default_text
         if stated is None:
             if self.type is bool or self.default in (None, ()) or self.required:
@@ -128,7 +130,7 @@ class OptionField:
             else:
                 stated = str(self.default) + (f"; {self.spec.tiny} on tiny presets"
                                               if self.spec.tiny is not NO_TINY else "")
-        return f"{self.spec.help} (default: {stated})" if stated else self.spec.help
+        return f"{help} (default: {stated})" if stated else help
 
 
 _BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
@@ -191,8 +193,9 @@ class Options:
     def add_arguments(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup,
                       only: Sequence[str] | None = None, help: Mapping[str, str] | None = None) -> None:
         """One flag per option that has one (`only`: just these options; `help`: other help texts for some, e.g.
-        where a command uses an option differently). Every flag defaults to None (unset): `from_args` then takes
-        the option's default, or the caller's (e.g. a tiny preset's), so a flag given as 0 stays 0."""
+        where a command uses an option differently; the default is stated after it as usual). Every flag defaults
+        to None (unset): `from_args` then takes the option's default, or the caller's (e.g. a tiny preset's), so a
+        flag given as 0 stays 0."""
         fields = cls.option_fields()
         if only is not None:
             unknown = set(only) - {f.name for f in fields}
@@ -202,8 +205,7 @@ class Options:
         for f in fields:
             if f.flag is None:
                 continue
-            text = (help or {}).get(f.name)
-            text = f.help_text() if text is None else text
+            text = f.help_text((help or {}).get(f.name))
             if f.spec.positional:
                 kwargs = {"help": text, "type": f.type, "metavar": f.spec.metavar or f.name.upper()}
                 if f.repeated:

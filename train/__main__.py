@@ -125,10 +125,9 @@ def _features_parser(sub):
     p.add_argument("--out", required=True, metavar="CACHE_DIR")
     _model_args(p)
     TrainConfig.add_arguments(p, only=("data_dir", "frames", "resolution", "dtype", "batch_size"), help={
-        "data_dir": "clip folder or WebVid build", "frames": "frames per clip (L), as the training run (default: 16)",
-        "resolution": "square frame side, as the training run (default: 256)",
-        "dtype": "as the training run (default: float32)",
-        "batch_size": "clips per encoder call (over this host's devices) (default: 8)"})
+        "data_dir": "clip folder or WebVid build", "frames": "frames per clip (L), as the training run",
+        "resolution": "square frame side, as the training run", "dtype": "as the training run",
+        "batch_size": "clips per encoder call (over this host's devices)"})
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
                    help=f"clips per shard (default {DEFAULT_SHARD_SIZE}): the unit a resumed or multi-host run "
                         "skips or shares out")
