@@ -32,6 +32,12 @@ _CLIP_ACT_HELP = ("activation of an open_clip file (its config is not stored): g
                   "quick_gelu for OpenAI's")
 
 
+def _check_clip_act(o) -> None:
+    """--clip-act only describes an open_clip --clip file (each command with CLIP metrics checks it)."""
+    if o.clip_act and not o.clip:
+        raise ConfigError("--clip-act applies to the --clip model; pass --clip too or drop it")
+
+
 @dataclass(frozen=True, kw_only=True)
 class StoryEvalOptions(Options):
     run_dir: str = option(help="a story run folder written by `python -m infer.story` (its --out)", positional=True,
@@ -48,8 +54,7 @@ class StoryEvalOptions(Options):
         if not (self.clip or self.dino or self.faces):
             raise ConfigError("no metric chosen: pass --clip PATH (CLIP-T, CLIP-I), --dino DIR (DINO-I) and/or "
                               "--faces")
-        if self.clip_act and not self.clip:
-            raise ConfigError("--clip-act applies to the --clip model; pass --clip too or drop it")
+        _check_clip_act(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,8 +72,7 @@ class VideoEvalOptions(Options):
     def __post_init__(self):
         if not (self.clip or self.lpips):
             raise ConfigError("no metric chosen: pass --clip PATH (CLIPSIM) and/or --lpips DIR (LPIPS)")
-        if self.clip_act and not self.clip:
-            raise ConfigError("--clip-act applies to the --clip model; pass --clip too or drop it")
+        _check_clip_act(self)
 
 
 @dataclass(frozen=True)
@@ -142,8 +146,7 @@ class BenchmarkOptions(Options):
                 raise ConfigError(f"unknown preset {self.preset!r}; use one of {', '.join(sorted(PRESETS))}")
         if not (self.clip or self.dino or self.faces):
             raise ConfigError("no metric chosen: pass --clip PATH (CLIP-T, CLIP-I), --dino DIR and/or --faces")
-        if self.clip_act and not self.clip:
-            raise ConfigError("--clip-act applies to the --clip model; pass --clip too or drop it")
+        _check_clip_act(self)
         unknown = [m for m in self.mode_list if m not in BENCHMARK_MODES]
         if unknown:
             raise ConfigError(f"unknown mode {unknown[0]!r}; use some of {', '.join(BENCHMARK_MODES)} (e.g. --modes "
