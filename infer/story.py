@@ -99,12 +99,6 @@ def _write_outputs(tmp: str, result, manifest: dict, maps=None) -> None:
         json.dump(manifest, f, indent=2)
 
 
-def _arch(source: str) -> str:
-    """"sdxl" or "sd15": a preset's, or a converted folder's (its index, no weights read)."""
-    from storydiff_jax import checkpoints
-    from storydiff_jax.pipelines.components import PRESETS
-
-    return PRESETS[source].arch if source in PRESETS else checkpoints.read_index(source).get("arch", "")
 def _control_name(key: tuple[int, int]) -> str:
     panel, net = key
     return f"{panel:02d}" + (f"@{net}" if net else "")
@@ -150,7 +144,7 @@ def run(args: argparse.Namespace, log=print, *, text: str | None = None, pipe=No
     from storydiff_jax.outputs import staged_folder
     from storydiff_jax.pipelines import StoryOptions, StoryPipeline
     from storydiff_jax.pipelines.bank import CharacterBank
-    from storydiff_jax.pipelines.components import unet_config
+    from storydiff_jax.pipelines.components import model_arch, unet_config
     from storydiff_jax.pipelines.control import controlnet_config
     from storydiff_jax.pipelines.identity import start_merge_step
     from storydiff_jax.pipelines.panel_control import ControlMaps, union_modes
@@ -179,8 +173,8 @@ def run(args: argparse.Namespace, log=print, *, text: str | None = None, pipe=No
     # Photos, PhotoMaker folder, face inputs and LoRA files checked before any model is loaded, too.
     plan = plan_references(story, options)
     check_lora_files(options.loras)
-    if plan is not None and _arch(source) != "sdxl":
-        raise ConfigError(f"photo mode (PhotoMaker) needs an SDXL model; {source} is {_arch(source).upper()}")
+    if plan is not None and model_arch(source) != "sdxl":
+        raise ConfigError(f"photo mode (PhotoMaker) needs an SDXL model; {source} is {model_arch(source).upper()}")
     if not args.model:
         log(f"no --model given: using the random-weight preset {source!r} (shapes only, the pictures are noise); "
             "convert a real checkpoint with `python -m convert pipeline` for real panels")

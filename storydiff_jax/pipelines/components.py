@@ -213,13 +213,22 @@ def load_pipeline(source: str, *, dtype=jnp.float32, seed: int = 0) -> Component
     return load_components(source, dtype=dtype, seed=seed)
 
 
+def _source_index(source: str) -> dict:
+    if not os.path.isdir(source):
+        raise CheckpointError(f"{source}: neither a converted folder nor a preset "
+                              f"({', '.join(PRESETS)}); convert a checkpoint with `python -m convert pipeline`")
+    return checkpoints.read_index(source)
+
+
+def model_arch(source: str) -> str:
+    """"sdxl" or "sd15" of a converted folder or preset, read without any weights."""
+    return PRESETS[source].arch if source in PRESETS else _source_index(source).get("arch", "")
+
+
 def unet_config(source: str) -> UNetConfig:
     """The U-Net config of a converted folder or preset, read without any weights (to check what must fit it,
     e.g. ControlNets, before loading)."""
     if source in PRESETS:
         return PRESETS[source].unet
-    if not os.path.isdir(source):
-        raise CheckpointError(f"{source}: neither a converted folder nor a preset "
-                              f"({', '.join(PRESETS)}); convert a checkpoint with `python -m convert pipeline`")
-    checkpoints.read_index(source)
+    _source_index(source)
     return UNetConfig.from_dict(checkpoints.read_json(source, "unet/config.json"))
